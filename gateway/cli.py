@@ -1,0 +1,171 @@
+"""Command line: ``geogate gateway|backend|demo|check-config``.
+
+Exit codes: 0 success, 1 invalid config or a start-up failure (a message names the cause),
+2 bad command-line usage (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+
+__all__ = ["main", "run_gateway"]
+
+log = logging.getLogger("geogate")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.yaml"
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _load_or_report(path: Path) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"config error: {issue}", file=sys.stderr)
+        return None
+
+
+async def _serve_until_signalled(config: GatewayConfig, drain_timeout: float) -> int:
+    from gateway.geo import GeoDatabaseError
+    from gateway.server import GatewayServer
+
+    server = GatewayServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except GeoDatabaseError as exc:
+        print(f"error: GeoIP database {exc}", file=sys.stderr)
+        await server.stop(0)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot listen on {config.gateway.listen}: {exc.strerror}", file=sys.stderr)
+        await server.stop(0)
+        return 1
+    bound = ", ".join(f"{h}:{p}" for h, p in server.bound)
+    print(f"gateway {config.gateway.region} listening on {bound}", flush=True)
+    await stop.wait()
+    log.info("stopping: draining for up to %.1f s", drain_timeout)
+    await server.stop(drain_timeout)
+    return 0
+
+
+def run_gateway(config: GatewayConfig, *, drain_timeout: float = 10.0) -> int:
+    """Serve ``config`` on uvloop until SIGINT or SIGTERM, then drain and return 0.
+
+    Returns:
+        0 after a clean stop, 1 when start-up failed (message on stderr).
+    """
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(_serve_until_signalled(config, drain_timeout))
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return 1
+    return run_gateway(config, drain_timeout=args.drain_timeout)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return 1
+    from gateway.geo import GeoDatabase, GeoDatabaseError
+
+    try:
+        db = GeoDatabase.open_sync(config.gateway.geodb)
+    except GeoDatabaseError as exc:
+        print(f"config error: {args.config}:gateway.geodb: {exc}", file=sys.stderr)
+        return 1
+    db.close()
+    print(
+        f"ok: {args.config}: {len(config.regions)} regions, {len(config.routes)} routes, "
+        f"zones {sorted(config.residency.zones)}, GeoIP {db.database_type}"
+    )
+    return 0
+
+
+def _cmd_backend(argv: Sequence[str]) -> int:
+    from backend.server import main as backend_main
+
+    return backend_main(list(argv))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return 1
+    return run_demo(config, ttft_ms=args.ttft_ms, tokens_per_second=args.tokens_per_second)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geogate", description="Residency-aware edge gateway for LLM applications."
+    )
+    parser.add_argument("--version", action="version", version=f"geogate {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gw = sub.add_parser("gateway", help="run the gateway")
+    gw.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help="YAML config")
+    gw.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight requests"
+    )
+    gw.set_defaults(func=_cmd_gateway)
+
+    check = sub.add_parser("check-config", help="validate a config; print every error")
+    check.add_argument("config", type=Path)
+    check.set_defaults(func=_cmd_check_config)
+
+    sub.add_parser("backend", help="run one regional LangChain backend (see backend --help)")
+
+    demo = sub.add_parser("demo", help="backends for every region + the gateway, on loopback")
+    demo.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    demo.add_argument("--ttft-ms", type=float, default=150.0, help="model time to first token")
+    demo.add_argument("--tokens-per-second", type=float, default=40.0, help="model speed")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``geogate`` command.
+
+    Args:
+        argv: arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The process exit code.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `backend` has its own argument parser: hand it everything after the word
+    if "backend" in argv and all(a.startswith("-") for a in argv[: argv.index("backend")]):
+        return _cmd_backend(argv[argv.index("backend") + 1 :])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.func(args))

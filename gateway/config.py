@@ -1,0 +1,471 @@
+"""Typed, validated gateway configuration loaded from YAML.
+
+``load_config(path)`` parses the YAML with PyYAML's safe loader, validates it with pydantic
+(frozen models, unknown keys refused so a misspelled key is an error, not a silent default),
+runs the cross-field checks pydantic cannot express (a route's region exists, a country sits in
+one zone only, ...) and returns a ``GatewayConfig``. Every problem is reported at once as a
+``ConfigError`` whose issues read ``file:key: reason``.
+
+Units: durations are float seconds (YAML accepts ``250ms``, ``2s``, ``1m``, ``1h`` or a bare
+number of seconds); sizes are int bytes (YAML accepts ``512``, ``64KiB``, ``10MiB``, ``1MB``).
+Relative paths (``gateway.geodb``, ``residency.policy``) are resolved against the directory of
+the file that names them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+from yarl import URL
+
+from gateway.errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "KIB",
+    "MIB",
+    "MS",
+    "SECONDS",
+    "ConfigError",
+    "GatewayConfig",
+    "GatewaySection",
+    "LimitsConfig",
+    "Listen",
+    "RegionConfig",
+    "ResidencyConfig",
+    "RouteConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "ZoneConfig",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+SECONDS, MS, KIB, MIB = 1.0, 0.001, 1024, 1024 * 1024
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": MS, "s": SECONDS, "m": 60 * SECONDS, "h": 3600 * SECONDS, None: SECONDS}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 1000, "KiB": KIB, "MB": 1000**2, "MiB": MIB,
+    "GB": 1000**3, "GiB": 1024 * MIB,
+}  # fmt: skip
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def parse_duration(value: Any) -> float:
+    """Parse a duration into float seconds.
+
+    Args:
+        value: a number of seconds (int or float) or a string such as ``"250ms"``, ``"2s"``,
+            ``"1.5m"``, ``"1h"``.
+
+    Returns:
+        Seconds, >= 0.
+
+    Raises:
+        ValueError: not a duration (e.g. ``'5 parsecs'``), or negative.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use e.g. 250ms, 2s, 1m)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 250ms, 2s, 1m)")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Parse a size into int bytes.
+
+    Args:
+        value: an int number of bytes or a string such as ``"64KiB"``, ``"10MiB"``, ``"1MB"``.
+
+    Returns:
+        Bytes, >= 0.
+
+    Raises:
+        ValueError: not a size (e.g. ``'ten megs'``), or negative.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size (use e.g. 512, 64KiB, 10MiB)")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value!r} is negative")
+        return value
+    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a size (use e.g. 512, 64KiB, 10MiB)")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid name (lower-case letters, digits, - and _)")
+    return value
+
+
+def _check_country(value: Any) -> str:
+    if isinstance(value, bool):
+        raise ValueError(
+            f"{value!r} is a boolean: YAML reads NO, YES, ON and OFF as booleans; quote the "
+            "country code, e.g. 'NO'"
+        )
+    if not (isinstance(value, str) and len(value) == 2 and value.isascii() and value.isupper()):
+        raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 code such as 'DE'")
+    return value
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network in CIDR form (e.g. 10.0.0.0/8)") from None
+    return value
+
+
+def _check_endpoint(value: str) -> str:
+    try:
+        url = URL(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if url.path not in ("", "/") or url.query_string or url.fragment:
+        raise ValueError(f"{value!r}: an endpoint is scheme://host:port, without path or query")
+    return str(url.origin())
+
+
+def _check_prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r}: a route prefix starts with '/'")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Name = Annotated[str, AfterValidator(_check_name)]
+Country = Annotated[str, BeforeValidator(_check_country)]
+Cidr = Annotated[str, AfterValidator(_check_cidr)]
+Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
+Prefix = Annotated[str, AfterValidator(_check_prefix)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class Listen(_Model):
+    """A listener address, parsed from ``"host:port"`` (``"[::1]:8080"`` for IPv6)."""
+
+    host: str
+    port: int = Field(ge=0, le=65535)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _parse_listen(value: Any) -> Any:
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080)")
+        return {"host": host.strip("[]"), "port": int(port)}
+    return value
+
+
+ListenAddr = Annotated[Listen, BeforeValidator(_parse_listen)]
+
+
+class LimitsConfig(_Model):
+    """Limits on what a client may send; enforced before any upstream is contacted.
+
+    Usage::
+
+        limits: {max_body_bytes: 10MiB, max_header_bytes: 8KiB, max_headers: 100}
+    """
+
+    max_body_bytes: Size = 10 * MIB  # larger request body -> 413 (RFC 9110 §15.5.14)
+    max_request_line_bytes: Size = 8 * KIB  # longer request line -> 414 (RFC 9110 §15.5.15)
+    max_header_bytes: Size = 8 * KIB  # longer header field line -> 431 (RFC 6585 §5)
+    max_headers: int = Field(default=100, ge=1, le=1000)  # more header fields -> 431
+
+
+class GatewaySection(_Model):
+    """The ``gateway:`` section: who this instance is and where it listens."""
+
+    region: Name  # the region this gateway runs in; preferred for every zone it serves
+    listen: ListenAddr = Listen(host="127.0.0.1", port=8080)
+    trusted_proxies: tuple[Cidr, ...] = ()  # peers whose X-Forwarded-For / Forwarded we trust
+    geodb: Path  # MaxMind DB file: GeoIP2/GeoLite2 Country or City, or DB-IP country
+    geoip_cache_size: int = Field(default=65536, ge=0)  # LRU entries of address -> country
+    limits: LimitsConfig = LimitsConfig()
+    via: str = "geogate"  # pseudonym in the Via header (RFC 9110 §7.6.3)
+
+
+class ZoneConfig(_Model):
+    """One residency zone: the countries whose users' requests must stay in it."""
+
+    countries: tuple[Country, ...] = ()
+    description: str = ""
+
+
+class ResidencyConfig(_Model):
+    """The ``residency:`` section: country -> zone rules.
+
+    ``policy`` names a YAML file with ``default_zone`` and ``zones`` (config/residency.yaml
+    ships EU27 + EEA + GB + CH -> eu, US -> us); keys given inline override the file's.
+    """
+
+    default_zone: Name
+    zones: Mapping[Name, ZoneConfig]
+
+
+class RegionConfig(_Model):
+    """One region: the zones it may serve and its upstream endpoints."""
+
+    zones: tuple[Name, ...] = Field(min_length=1)
+    endpoints: tuple[Endpoint, ...] = Field(min_length=1)
+    description: str = ""
+
+
+class TimeoutsConfig(_Model):
+    """Per-attempt upstream timeouts, seconds.
+
+    Usage::
+
+        timeouts: {connect: 2s, first_byte: 60s, idle: 60s, total: 10m}
+    """
+
+    connect: Duration = 2 * SECONDS  # TCP connect to an endpoint -> 504 phase=connect
+    first_byte: Duration = 60 * SECONDS  # request sent -> response headers -> 504 first_byte
+    idle: Duration = 60 * SECONDS  # longest gap between two body chunks -> 504 idle
+    total: Duration = 600 * SECONDS  # whole exchange, retries included -> 504 total
+
+
+class RouteConfig(_Model):
+    """One route: requests whose host and path prefix match go to ``service``'s regions.
+
+    Matching: the longest matching prefix wins among routes whose ``host`` is the request's
+    host or None (any host); a host-specific route beats a host-less one of equal length.
+    """
+
+    prefix: Prefix
+    host: str | None = None
+    methods: tuple[str, ...] | None = None  # None: every method but CONNECT and TRACE
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_body_bytes: Size | None = None  # overrides gateway.limits.max_body_bytes
+
+
+class UpstreamConfig(_Model):
+    """Connection pool and DNS settings towards the upstream endpoints."""
+
+    max_connections: int = Field(default=1000, ge=1)  # across all endpoints
+    max_connections_per_endpoint: int = Field(default=0, ge=0)  # 0: no per-endpoint cap
+    keepalive_timeout: Duration = 30 * SECONDS  # idle pooled connection lifetime
+    dns_min_ttl: Duration = 1 * SECONDS  # record TTLs are clamped into [min, max]
+    dns_max_ttl: Duration = 300 * SECONDS
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; empty: the system's resolvers
+
+
+class GatewayConfig(_Model):
+    """The whole, validated configuration of one gateway instance."""
+
+    gateway: GatewaySection
+    residency: ResidencyConfig
+    regions: Mapping[Name, RegionConfig]
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    upstream: UpstreamConfig = UpstreamConfig()
+    source: Path | None = Field(default=None, exclude=True)  # the file it was loaded from
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _issues_from(
+    exc: ValidationError, file: str, prefix: tuple[str, ...] = ()
+) -> list[ConfigIssue]:
+    issues = []
+    errors = exc.errors(include_url=False)
+    failed_locs = {tuple(e["loc"]) for e in errors if e["type"] != "too_short"}
+    missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing"}
+    explained: set[tuple[int | str, ...]] = set()
+    messages: list[tuple[tuple[int | str, ...], str]] = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "too_short" and any(f[: len(loc)] == loc for f in failed_locs):
+            continue  # a consequence of an item that failed: that item's error says it all
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            siblings = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1)
+            if close:
+                msg = f"unknown key; did you mean {close[0]!r}?"
+                explained.add((*loc[:-1], close[0]))
+            else:
+                msg = "unknown key (misspelled?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        messages.append((loc, msg))
+    for loc, msg in messages:
+        if loc not in explained:
+            issues.append(ConfigIssue(file, _key_path(prefix + loc), msg))
+    return issues
+
+
+def _read_yaml(path: Path, issues: list[ConfigIssue]) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        issues.append(ConfigIssue(str(path), "", "no such file"))
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        issues.append(ConfigIssue(str(path), "", f"cannot read: {exc}"))
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        issues.append(ConfigIssue(str(path), "", f"invalid YAML: {where}{problem}"))
+        return None
+
+
+def _merge_residency(raw: dict[str, Any], base: Path, issues: list[ConfigIssue]) -> dict[str, Any]:
+    """Fold ``residency.policy`` (a file) into the inline residency keys; inline keys win."""
+    residency = raw.get("residency")
+    if not isinstance(residency, dict) or "policy" not in residency:
+        return raw
+    residency = dict(residency)
+    policy_value = residency.pop("policy")
+    if not isinstance(policy_value, str):
+        issues.append(ConfigIssue(str(base), "residency.policy", "must be a file path"))
+        return {**raw, "residency": residency}
+    policy_path = base.parent / policy_value
+    if not policy_path.is_file():
+        issues.append(ConfigIssue(str(base), "residency.policy", f"{policy_path}: no such file"))
+        return {**raw, "residency": residency}
+    policy = _read_yaml(policy_path, issues)
+    if policy is None:
+        return {**raw, "residency": residency}
+    if not isinstance(policy, dict) or not set(policy) <= {"default_zone", "zones"}:
+        issues.append(
+            ConfigIssue(str(policy_path), "", "a residency policy has only default_zone and zones")
+        )
+        return {**raw, "residency": residency}
+    try:
+        ResidencyConfig.model_validate({"default_zone": "x", "zones": {}} | policy)
+    except ValidationError as exc:
+        issues.extend(_issues_from(exc, str(policy_path)))
+        return {**raw, "residency": residency}
+    zones = dict(policy.get("zones") or {}) | dict(residency.get("zones") or {})
+    merged = {"default_zone": policy.get("default_zone")} | residency | {"zones": zones}
+    return {**raw, "residency": {k: v for k, v in merged.items() if v is not None}}
+
+
+def _cross_checks(cfg: GatewayConfig, file: str) -> Iterator[ConfigIssue]:
+    zones = cfg.residency.zones
+    if cfg.residency.default_zone not in zones:
+        yield ConfigIssue(
+            file, "residency.default_zone", f"zone {cfg.residency.default_zone!r} is not defined"
+        )
+    owner: dict[str, str] = {}
+    for zone, zc in zones.items():
+        for i, country in enumerate(zc.countries):
+            if country in owner and owner[country] != zone:
+                yield ConfigIssue(
+                    file,
+                    f"residency.zones.{zone}.countries[{i}]",
+                    f"{country} is already in zone {owner[country]!r}; a country has one zone",
+                )
+            owner.setdefault(country, zone)
+    for name, region in cfg.regions.items():
+        for i, zone in enumerate(region.zones):
+            if zone not in zones:
+                yield ConfigIssue(
+                    file, f"regions.{name}.zones[{i}]", f"zone {zone!r} is not defined"
+                )
+    if cfg.gateway.region not in cfg.regions:
+        yield ConfigIssue(
+            file, "gateway.region", f"region {cfg.gateway.region!r} is not in regions"
+        )
+    seen: dict[tuple[str | None, str], int] = {}
+    for i, route in enumerate(cfg.routes):
+        key = (route.host.lower() if route.host else None, route.prefix)
+        if key in seen:
+            yield ConfigIssue(
+                file, f"routes[{i}].prefix", f"same host and prefix as routes[{seen[key]}]"
+            )
+        seen.setdefault(key, i)
+        if route.methods:
+            for j, method in enumerate(route.methods):
+                if method.upper() in ("CONNECT", "TRACE") or not method.isalpha():
+                    yield ConfigIssue(
+                        file, f"routes[{i}].methods[{j}]", f"{method!r} cannot be proxied"
+                    )
+    if not cfg.gateway.geodb.is_file():
+        yield ConfigIssue(file, "gateway.geodb", f"{cfg.gateway.geodb}: no such file")
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Load and validate a gateway config file.
+
+    Synchronous (reads files): call it before the event loop starts, or in a thread.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The validated, frozen GatewayConfig; relative paths resolved against ``path``'s folder.
+
+    Raises:
+        ConfigError: every problem found, each as ``file:key: reason``.
+    """
+    path = Path(path)
+    file = str(path)
+    issues: list[ConfigIssue] = []
+    raw = _read_yaml(path, issues)
+    if issues:
+        raise ConfigError(issues)
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue(file, "", "the top level must be a mapping of sections")])
+    raw = _merge_residency(raw, path, issues)
+    if issues:
+        raise ConfigError(issues)
+    gw = raw.get("gateway")
+    if isinstance(gw, dict) and isinstance(gw.get("geodb"), str):
+        raw = {**raw, "gateway": {**gw, "geodb": str((path.parent / gw["geodb"]).resolve())}}
+    try:
+        cfg = GatewayConfig.model_validate({**raw, "source": path})
+    except ValidationError as exc:
+        issues.extend(_issues_from(exc, file))
+        raise ConfigError(issues) from None
+    issues.extend(_cross_checks(cfg, file))
+    if issues:
+        raise ConfigError(issues)
+    return cfg

@@ -1,0 +1,70 @@
+"""Exchange: the per-request state that every stage reads and adds to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address, IPv6Address
+
+    from aiohttp.web import BaseRequest
+
+    from gateway.routing import Route
+    from gateway.upstreams import Endpoint
+
+__all__ = ["Exchange"]
+
+
+class Exchange:
+    """One request's journey through the pipeline.
+
+    Each stage fills the fields it owns, in pipeline order: ``route`` (route stage),
+    ``client_ip``/``country``/``zone``/``zone_source``/``regions`` (locate stage),
+    ``endpoint``/``upstream_status``/``attempts`` (forwarder). Times are loop seconds.
+
+    Attributes:
+        request: the aiohttp request.
+        request_id: echoed as X-Request-Id both ways, and in problem details.
+        start: loop time the handler started, seconds.
+    """
+
+    __slots__ = (
+        "attempts",
+        "client_ip",
+        "country",
+        "endpoint",
+        "peer_trusted",
+        "regions",
+        "request",
+        "request_id",
+        "route",
+        "start",
+        "status",
+        "upstream_status",
+        "zone",
+        "zone_source",
+    )
+
+    def __init__(self, request: BaseRequest, request_id: str, start: float) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.start = start
+        self.route: Route | None = None
+        self.peer_trusted = False
+        self.client_ip: IPv4Address | IPv6Address | None = None
+        self.country: str | None = None
+        self.zone: str | None = None
+        self.zone_source: str | None = None
+        self.regions: tuple[str, ...] = ()
+        self.endpoint: Endpoint | None = None
+        self.upstream_status: int | None = None
+        self.status: int | None = None
+        self.attempts = 0
+
+    def __repr__(self) -> str:
+        route = self.route.prefix if self.route else None
+        endpoint = self.endpoint.origin if self.endpoint else None
+        return (
+            f"<Exchange {self.request_id} {self.request.method} {self.request.path} "
+            f"route={route} zone={self.zone} endpoint={endpoint} status={self.status}>"
+        )

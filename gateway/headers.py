@@ -1,0 +1,96 @@
+"""Header rewriting between client and upstream: hop-by-hop removal, forwarding headers, Via.
+
+Rule: this module decides from header mappings; it never reads a socket.
+
+Hop-by-hop fields (RFC 9110 §7.6.1, and RFC 2616 §13.5.1's list that proxies still honour) and
+every field named in Connection are removed in both directions; a client's own copy of a field
+the gateway sets for the upstream (``X-Residency-Zone``) is always removed.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = [
+    "GATEWAY_SET_FIELDS",
+    "HOP_BY_HOP",
+    "connection_listed",
+    "forwarded_element",
+    "strip_hop_by_hop",
+    "via_value",
+]
+
+HOP_BY_HOP = (
+    "Connection",
+    "Keep-Alive",
+    "Proxy-Connection",
+    "TE",
+    "Trailer",
+    "Transfer-Encoding",
+    "Upgrade",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+)
+# Fields only the gateway may set towards the upstream; a client's copy is dropped.
+GATEWAY_SET_FIELDS = ("X-Residency-Zone", "X-Served-Region", "Expect", "Host")
+
+
+def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[str]:
+    """Field names listed in Connection (RFC 9110 §7.6.1), lower-case, without ``close``."""
+    names: list[str] = []
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token and token not in ("close", "keep-alive"):
+                names.append(token)
+    return names
+
+
+def strip_hop_by_hop(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], extra: tuple[str, ...] = ()
+) -> CIMultiDict[str]:
+    """Return a copy of ``headers`` without hop-by-hop, Connection-listed and ``extra`` fields.
+
+    Args:
+        headers: the received header fields (kept unchanged).
+        extra: further field names to drop, any case.
+    """
+    out = CIMultiDict(headers)
+    if "Connection" in out:
+        for name in connection_listed(out):
+            out.popall(name, None)
+    for name in HOP_BY_HOP:
+        out.popall(name, None)
+    for name in extra:
+        out.popall(name, None)
+    return out
+
+
+def via_value(version: tuple[int, int], pseudonym: str) -> str:
+    """One Via element for a message received as HTTP/``version`` (RFC 9110 §7.6.3)."""
+    return f"{version[0]}.{version[1]} {pseudonym}"
+
+
+def forwarded_element(client: str | None, *, proto: str, host: str | None) -> str:
+    """One RFC 7239 Forwarded element ``for=...;proto=...;host=...``.
+
+    Args:
+        client: the client's address as text, or None (-> ``for=unknown``, RFC 7239 §6.2).
+        proto: ``http`` or ``https``.
+        host: the Host the client asked for, or None.
+    """
+    if client is None:
+        node = "unknown"
+    elif ":" in client:  # IPv6: bracketed and quoted (RFC 7239 §6)
+        node = f'"[{client}]"'
+    else:
+        node = client
+    element = f"for={node};proto={proto}"
+    if host:
+        element += f';host="{host}"' if not _is_token(host) else f";host={host}"
+    return element
+
+
+def _is_token(value: str) -> bool:
+    # RFC 9110 §5.6.2 token; a host with ':' (port) must be quoted in Forwarded.
+    return all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in value)

@@ -1,0 +1,63 @@
+"""Locate stage: client address -> country -> residency zone -> candidate regions.
+
+The client address is the socket peer, or the right-most X-Forwarded-For / Forwarded entry
+that is not a trusted proxy (``gateway.forwarded``); the country comes from the GeoIP database
+(``gateway.geo``), the zone and regions from ``ResidencyRules``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.forwarded import TrustedProxies, client_address
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+    from gateway.geo import GeoDatabase
+    from gateway.pipeline import LocalReply
+    from gateway.residency import ResidencyRules
+
+__all__ = ["LocateStage"]
+
+
+class LocateStage:
+    """Fill ``client_ip``, ``country``, ``zone`` and ``regions`` on the Exchange.
+
+    Args:
+        geodb: the open GeoIP database.
+        rules: the residency rules.
+        trusted: proxies whose forwarding headers are believed.
+    """
+
+    name = "locate"
+    __slots__ = ("_geodb", "_rules", "_trusted")
+
+    def __init__(self, geodb: GeoDatabase, rules: ResidencyRules, trusted: TrustedProxies):
+        self._geodb = geodb
+        self._rules = rules
+        self._trusted = trusted
+
+    async def on_request(self, ex: Exchange) -> LocalReply | None:
+        """Decide the zone; raises ResidencyUnavailable (451) when no region serves it."""
+        request = ex.request
+        headers = request.headers
+        peer = request.remote
+        xff = headers.getall("X-Forwarded-For", None)
+        fwd = headers.getall("Forwarded", None)
+        ip = client_address(
+            peer,
+            x_forwarded_for=",".join(xff) if xff else None,
+            forwarded=",".join(fwd) if fwd else None,
+            trusted=self._trusted,
+        )
+        ex.peer_trusted = peer is not None and self._trusted.contains(peer)
+        ex.client_ip = ip
+        ex.country = country = self._geodb.lookup(ip) if ip is not None else None
+        decision = self._rules.decide(country=country)
+        ex.zone = decision.zone
+        ex.zone_source = decision.source
+        ex.regions = self._rules.regions_for(decision.zone)
+        return None
+
+    def on_complete(self, ex: Exchange) -> None:
+        """Nothing to finish: the zone stays on the Exchange for later stages and the log."""

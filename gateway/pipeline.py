@@ -1,0 +1,106 @@
+"""The request path as a filter chain (Envoy's decoder filters; aiohttp's handler chain).
+
+Each stage reads what earlier stages put on the Exchange and adds its own field. A stage
+returns None to continue, or a LocalReply to answer without the upstream (Envoy's
+``sendLocalReply``), or raises a GatewayError that the server renders as problem+json.
+The forwarder is the terminal stage. Completion hooks run in reverse order, synchronously,
+in ``finally``, so they also run on cancellation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+from gateway.errors import MethodNotAllowed, RouteNotFound
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+    from gateway.routing import RouteTable
+
+__all__ = ["Forwarder", "LocalReply", "Pipeline", "Stage"]
+
+
+class LocalReply:
+    """A response a stage gives instead of forwarding (cache hit, rate-limit 429, ...).
+
+    Args:
+        status: HTTP status.
+        body: response body bytes.
+        headers: response header fields.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None):
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+    async def send(self, ex: Exchange) -> web.StreamResponse:
+        """Build the aiohttp response for ``ex`` (the server writes it)."""
+        return web.Response(status=self.status, body=self.body, headers=self.headers)
+
+
+class Stage(Protocol):
+    """One step of the request path."""
+
+    name: str
+
+    async def on_request(self, ex: Exchange) -> LocalReply | None:
+        """Act on the request; None continues, a LocalReply answers at once."""
+
+    def on_complete(self, ex: Exchange) -> None:
+        """Synchronous, cheap completion hook: metrics, log fields, scheduling."""
+
+
+class Forwarder(Protocol):
+    """The terminal stage: sends the request upstream and streams the answer back."""
+
+    async def forward(self, ex: Exchange) -> web.StreamResponse:
+        """Forward ``ex`` and return the (already written or ready) response."""
+
+
+class Pipeline:
+    """Route, then the stages in order, then the forwarder.
+
+    Args:
+        routes: the compiled route table.
+        stages: the stages after routing, in order.
+        forwarder: the terminal stage.
+    """
+
+    __slots__ = ("_forwarder", "_routes", "_stages")
+
+    def __init__(self, routes: RouteTable, stages: Sequence[Stage], forwarder: Forwarder):
+        self._routes = routes
+        self._stages = tuple(stages)
+        self._forwarder = forwarder
+
+    async def run(self, ex: Exchange) -> web.StreamResponse:
+        """Take ``ex`` through the chain.
+
+        Raises:
+            RouteNotFound: no route matches host and path (404).
+            MethodNotAllowed: the route does not allow the method (405).
+            GatewayError: whatever a stage or the forwarder raises.
+        """
+        request = ex.request
+        route = self._routes.match(request.host, request.path)
+        if route is None:
+            raise RouteNotFound(f"no route for {request.path!r}")
+        if request.method not in route.methods:
+            raise MethodNotAllowed(f"{request.method} is not allowed on route {route.prefix!r}")
+        ex.route = route
+        entered: list[Stage] = []
+        try:
+            for stage in self._stages:
+                entered.append(stage)
+                if (reply := await stage.on_request(ex)) is not None:
+                    return await reply.send(ex)
+            return await self._forwarder.forward(ex)
+        finally:
+            for stage in reversed(entered):
+                stage.on_complete(ex)

@@ -1,0 +1,96 @@
+"""Route table: host + longest path prefix -> route.
+
+Rule: this module decides from plain strings; it never reads a socket. A request no route
+matches is refused (404): the gateway is never an open proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.config import LimitsConfig, RouteConfig
+
+__all__ = ["DEFAULT_METHODS", "Route", "RouteTable"]
+
+DEFAULT_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled route: what the request path needs, precomputed at config load.
+
+    Attributes:
+        index: position in the config's ``routes`` list (for messages and metrics).
+        prefix: path prefix, e.g. ``"/v1/"``; also the metrics label.
+        host: lower-case host without port, or None for any host.
+        methods: upper-case methods allowed.
+        connect_timeout, first_byte_timeout, idle_timeout, total_timeout: seconds.
+        max_body_bytes: request body limit, bytes.
+    """
+
+    index: int
+    prefix: str
+    host: str | None
+    methods: frozenset[str]
+    connect_timeout: float
+    first_byte_timeout: float
+    idle_timeout: float
+    total_timeout: float
+    max_body_bytes: int
+
+
+class RouteTable:
+    """Match requests to routes.
+
+    Args:
+        routes: the config's routes, in config order.
+        limits: gateway-wide limits; a route's own ``max_body_bytes`` overrides them.
+    """
+
+    __slots__ = ("_any_host", "_by_host", "routes")
+
+    def __init__(self, routes: Sequence[RouteConfig], limits: LimitsConfig) -> None:
+        compiled = [
+            Route(
+                index=i,
+                prefix=r.prefix,
+                host=r.host.lower() if r.host else None,
+                methods=frozenset(m.upper() for m in r.methods) if r.methods else DEFAULT_METHODS,
+                connect_timeout=r.timeouts.connect,
+                first_byte_timeout=r.timeouts.first_byte,
+                idle_timeout=r.timeouts.idle,
+                total_timeout=r.timeouts.total,
+                max_body_bytes=(
+                    r.max_body_bytes if r.max_body_bytes is not None else limits.max_body_bytes
+                ),
+            )
+            for i, r in enumerate(routes)
+        ]
+        self.routes = tuple(compiled)
+        longest_first = sorted(compiled, key=lambda r: -len(r.prefix))
+        self._any_host = tuple((r.prefix, r) for r in longest_first if r.host is None)
+        self._by_host: dict[str, tuple[tuple[str, Route], ...]] = {}
+        for host in {r.host for r in compiled if r.host is not None}:
+            # a host-specific route beats a host-less one of equal prefix length
+            merged = sorted(
+                (r for r in compiled if r.host in (host, None)),
+                key=lambda r: (-len(r.prefix), r.host is None),
+            )
+            self._by_host[host] = tuple((r.prefix, r) for r in merged)
+
+    def match(self, host: str, path: str) -> Route | None:
+        """Return the route for ``host`` and ``path``, or None (-> 404).
+
+        Args:
+            host: the request's host, any case, with or without ``:port``.
+            path: the decoded request path, starting with ``/``.
+        """
+        table = self._any_host
+        if self._by_host:
+            name = host.rpartition(":")[0] if host.endswith("]") is False and ":" in host else host
+            table = self._by_host.get(name.lower(), table)
+        for prefix, route in table:
+            if path.startswith(prefix):
+                return route
+        return None

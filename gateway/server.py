@@ -1,0 +1,250 @@
+"""Server lifecycle: build the pipeline from a config, listen, serve, drain.
+
+One ``GatewayServer`` per process. It owns the process's resources (GeoIP database, the one
+upstream ClientSession, the listener) and renders every GatewayError in one place, as RFC 9457
+problem details with the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.dns import TTLResolver
+from gateway.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    GatewayError,
+    HeaderFieldsTooLarge,
+    RouteNotFound,
+)
+from gateway.exchange import Exchange
+from gateway.forwarded import TrustedProxies
+from gateway.geo import GeoDatabase
+from gateway.locate import LocateStage
+from gateway.pipeline import Pipeline
+from gateway.proxy import HttpForwarder
+from gateway.residency import ResidencyRules
+from gateway.routing import RouteTable
+from gateway.upstreams import Upstreams
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+__all__ = ["GatewayServer"]
+
+log = logging.getLogger("geogate.server")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _problem_response(err: GatewayError, request_id: str | None) -> web.Response:
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    headers.update(err.headers())
+    return web.Response(
+        status=err.status,
+        body=err.to_problem(request_id),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+class _GatewayProtocol(RequestHandler):
+    """aiohttp's connection handler, answering unparsable requests with problem+json.
+
+    aiohttp answers every parse error with a plain-text 400; the gateway distinguishes a too
+    long request line (414, RFC 9110 §15.5.15), too large or too many header fields (431,
+    RFC 6585 §5) and other malformed HTTP (400), and logs them at debug level: they are the
+    client's fault, not the gateway's.
+    """
+
+    request_line_limit = 8190
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 500 or not isinstance(exc, BadHttpMessage):
+            return super().handle_error(request, status, exc, message)
+        log.debug("malformed request from %s: %s", request.remote, exc)
+        error: GatewayError
+        if isinstance(exc, LineTooLong):
+            line, limit = exc.args[0], exc.args[1]
+            if limit == self.request_line_limit and bytes(line).startswith((b"/", b"http", b"*")):
+                error = _UriTooLong(f"request line longer than {limit} bytes")
+            else:
+                error = HeaderFieldsTooLarge(f"a header field is longer than {limit} bytes")
+        elif "Too many headers" in str(exc):
+            error = HeaderFieldsTooLarge("too many header fields")
+        else:
+            error = BadRequest(f"malformed HTTP request: {exc.message}")
+        resp = _problem_response(error, None)
+        resp.force_close()
+        return resp
+
+
+class _UriTooLong(BadRequest):
+    status = 414
+    slug = "uri-too-long"
+    title = "Request line too long"
+
+
+class _Server(web.Server):
+    """web.Server that builds our connection handler class."""
+
+    def __call__(self) -> RequestHandler:
+        return _GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayServer:
+    """One gateway process: resources, pipeline and listener built from a GatewayConfig.
+
+    Usage::
+
+        server = GatewayServer(load_config("config/gateway.yaml"))
+        await server.start()          # opens the GeoIP DB in a thread, then listens
+        ...
+        await server.stop(drain_timeout=10.0)
+
+    Args:
+        config: the validated configuration.
+    """
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.geodb: GeoDatabase | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.upstreams = Upstreams(config.regions)
+        self.routes = RouteTable(config.routes, config.gateway.limits)
+        self.rules = ResidencyRules(
+            zone_countries={z: zc.countries for z, zc in config.residency.zones.items()},
+            default_zone=config.residency.default_zone,
+            region_zones={r: rc.zones for r, rc in config.regions.items()},
+            own_region=config.gateway.region,
+        )
+        self.trusted = TrustedProxies.parse(config.gateway.trusted_proxies)
+        self._pipeline: Pipeline | None = None
+        self._runner: web.ServerRunner | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self.bound: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        """Open resources and start listening on ``gateway.listen``.
+
+        Raises:
+            GeoDatabaseError: the GeoIP database is missing or unreadable.
+            OSError: the listen address is taken or not ours.
+        """
+        cfg = self.config
+        self.geodb = await GeoDatabase.open(
+            cfg.gateway.geodb, cache_size=cfg.gateway.geoip_cache_size
+        )
+        up = cfg.upstream
+        connector = aiohttp.TCPConnector(
+            limit=up.max_connections,
+            limit_per_host=up.max_connections_per_endpoint,
+            keepalive_timeout=up.keepalive_timeout,
+            resolver=TTLResolver(
+                min_ttl=up.dns_min_ttl,
+                max_ttl=up.dns_max_ttl,
+                nameservers=list(up.nameservers) or None,
+            ),
+            use_dns_cache=False,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        forwarder = HttpForwarder(self.session, self.upstreams, self.routes, cfg.gateway.via)
+        locate = LocateStage(self.geodb, self.rules, self.trusted)
+        self._pipeline = Pipeline(self.routes, [locate], forwarder)
+        limits = cfg.gateway.limits
+        _GatewayProtocol.request_line_limit = limits.max_request_line_bytes
+        server = _Server(
+            self._handle,
+            handler_cancellation=True,
+            access_log=None,
+            max_line_size=limits.max_request_line_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False)
+        await self._runner.setup()
+        listen = cfg.gateway.listen
+        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+        self.bound = [
+            s.getsockname()[:2]
+            for s in (site._server.sockets if site._server else ())  # type: ignore[union-attr]
+        ]
+        log.info("gateway %s listening on %s", cfg.gateway.region, self.bound)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop_time = asyncio.get_running_loop().time()
+        rid = request.headers.get("X-Request-Id")
+        if rid is None or not _REQUEST_ID_RE.match(rid):
+            rid = uuid.uuid4().hex
+        ex = Exchange(request, rid, loop_time)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            assert self._pipeline is not None
+            if request.method == "CONNECT" or not (
+                request.raw_path.startswith("/") or self._same_host(request)
+            ):
+                raise RouteNotFound("the gateway is not a forward proxy")
+            return await self._pipeline.run(ex)
+        except GatewayError as err:
+            ex.status = err.status
+            return _problem_response(err, rid)
+        except Exception:
+            log.exception("unhandled error in request %s", rid)
+            ex.status = 500
+            return _problem_response(GatewayError(), rid)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @staticmethod
+    def _same_host(request: web.BaseRequest) -> bool:
+        # absolute-form target (RFC 9112 §3.2.2): allowed only when it names the Host we got
+        host_header = request.headers.get("Host", "")
+        target_host = request.host  # aiohttp takes it from the absolute URI
+        return bool(target_host) and host_header.split(":")[0].lower() == target_host.lower()
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to ``drain_timeout`` seconds,
+        then close connections, the upstream session and the GeoIP database."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+            if self._in_flight:
+                try:
+                    async with asyncio.timeout(drain_timeout):
+                        await self._idle.wait()
+                except TimeoutError:
+                    log.warning("drain timeout: %d requests still in flight", self._in_flight)
+            await self._runner.cleanup()
+            self._runner = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self.geodb is not None:
+            self.geodb.close()
+            self.geodb = None

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the system programs the tests and benchmarks need (wrk), from Debian's packages,
+# when they are missing. Idempotent; does nothing when everything is present.
+set -euo pipefail
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
+    echo "install-system-deps: missing ${need[*]} and not root (no sudo): install them with your package manager" >&2
+    exit 1
+  fi
+else SUDO=""; fi
+echo "install-system-deps: installing ${need[*]}" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
