@@ -38,6 +38,8 @@ def choose_least_request(endpoints: Sequence[E], rng: random.Random | None = Non
         IndexError: ``endpoints`` is empty.
     """
     n = len(endpoints)
+    if n == 0:
+        raise IndexError("no endpoints to choose from")
     if n == 1:
         return endpoints[0]
     rand = (rng or random).randrange

@@ -44,13 +44,13 @@ class LocateStage:
         peer = request.remote
         xff = headers.getall("X-Forwarded-For", None)
         fwd = headers.getall("Forwarded", None)
-        ip = client_address(
+        ip, _ = client_address(
             peer,
             x_forwarded_for=",".join(xff) if xff else None,
             forwarded=",".join(fwd) if fwd else None,
             trusted=self._trusted,
         )
-        ex.peer_trusted = peer is not None and self._trusted.contains(peer)
+        ex.peer_trusted = peer is not None and self._trusted.trusts(peer)
         ex.client_ip = ip
         ex.country = country = self._geodb.lookup(ip) if ip is not None else None
         decision = self._rules.decide(country=country)

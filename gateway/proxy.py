@@ -71,19 +71,29 @@ async def _limited_body(
         yield chunk
 
 
+class _Attempt:
+    """What one forwarding attempt has reached: its phase, and the response once prepared."""
+
+    __slots__ = ("phase", "prepared")
+
+    def __init__(self) -> None:
+        self.phase = "first_byte"
+        self.prepared: web.StreamResponse | None = None
+
+
 @contextlib.contextmanager
-def map_upstream_errors(phase: list[str], timer: asyncio.Timeout) -> Iterator[None]:
+def map_upstream_errors(attempt: _Attempt) -> Iterator[None]:
     """Translate aiohttp client errors into GatewayErrors, raised ``from`` the original.
 
+    Our own timeout scopes surface as TimeoutError outside this block (``asyncio.timeout``
+    converts the cancellation at its own exit); ``forward`` maps those.
+
     Args:
-        phase: a one-item list holding the current phase name (``first_byte``, ``idle``),
-            updated by the caller as the exchange progresses.
-        timer: the exchange's timeout scope; ``timer.expired()`` tells our own timeouts
-            apart from a TimeoutError raised inside the client.
+        attempt: the attempt, whose ``phase`` names a timeout raised inside the client.
 
     Raises:
-        UpstreamTimeout: connect (aiohttp's sock_connect) or our first-byte / idle / total
-            scope ran out (504).
+        UpstreamTimeout: connect (aiohttp's sock_connect) ran out, or the client raised a
+            timeout of its own (504).
         UpstreamConnectError: no connection could be made, DNS included (502).
         UpstreamProtocolError: the upstream reset, closed or spoke broken HTTP (502).
     """
@@ -91,10 +101,8 @@ def map_upstream_errors(phase: list[str], timer: asyncio.Timeout) -> Iterator[No
         yield
     except aiohttp.ConnectionTimeoutError as exc:
         raise UpstreamTimeout("connecting to the upstream timed out", phase="connect") from exc
-    except TimeoutError as exc:
-        if timer.expired():
-            raise UpstreamTimeout(f"upstream {phase[0]} timeout", phase=phase[0]) from exc
-        raise UpstreamTimeout("upstream read timed out", phase=phase[0]) from exc
+    except aiohttp.ServerTimeoutError as exc:
+        raise UpstreamTimeout("upstream read timed out", phase=attempt.phase) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamConnectError(f"cannot connect to the upstream: {exc.os_error}") from exc
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
@@ -163,6 +171,8 @@ class HttpForwarder:
         prior_via = ", ".join(headers.popall("Via", ()))
         headers["Via"] = f"{prior_via}, {via}" if prior_via else via
         headers["X-Request-Id"] = ex.request_id
+        if ex.zone is not None:
+            headers["X-Residency-Zone"] = ex.zone  # tells the client which zone served it
         return headers
 
     async def _request_body(
@@ -210,77 +220,97 @@ class HttpForwarder:
         url = URL(endpoint.origin + target, encoded=True)
         loop = asyncio.get_running_loop()
         deadline = ex.start + route.total_timeout
-        phase = ["first_byte"]
-        prepared: web.StreamResponse | None = None
+        attempt = _Attempt()
         endpoint.in_flight += 1
         try:
-            first_byte_by = min(loop.time() + route.first_byte_timeout, deadline)
-            async with asyncio.timeout(first_byte_by) as timer:
-                with map_upstream_errors(phase, timer):
-                    try:
-                        upstream = await self._session.request(
-                            request.method,
-                            url,
-                            headers=self._upstream_headers(ex),
-                            data=body,
-                            allow_redirects=False,
-                            timeout=self._socket_timeouts[route.index],
-                        )
-                    except Exception:
-                        if state.too_large:
-                            raise PayloadTooLarge(
-                                f"request body exceeds {route.max_body_bytes} bytes"
-                            ) from None
-                        raise
-                try:
-                    ex.upstream_status = upstream.status
-                    phase[0] = "idle"
-                    timer.reschedule(min(loop.time() + route.idle_timeout, deadline))
-                    headers = self._response_headers(ex, upstream)
-                    length = upstream.content_length
-                    if (
-                        length is not None
-                        and length <= BUFFER_LIMIT
-                        and request.method != "HEAD"
-                        and upstream.status not in _NO_BODY_STATUSES
-                    ):
-                        with map_upstream_errors(phase, timer):
-                            data = await upstream.read()
-                        del headers["Content-Length"]
-                        ex.status = upstream.status
-                        return web.Response(
-                            status=upstream.status,
-                            reason=upstream.reason,
-                            body=data,
-                            headers=headers,
-                        )
-                    prepared = web.StreamResponse(
-                        status=upstream.status, reason=upstream.reason, headers=headers
-                    )
-                    ex.status = upstream.status
-                    await prepared.prepare(request)
-                    reader = upstream.content
-                    idle = route.idle_timeout
-                    with map_upstream_errors(phase, timer):
-                        while chunk := await reader.readany():
-                            await prepared.write(chunk)
-                            timer.reschedule(min(loop.time() + idle, deadline))
-                    await prepared.write_eof()
-                    return prepared
-                except BaseException:
-                    upstream.close()
-                    raise
-                finally:
-                    upstream.release()
-        except (UpstreamTimeout, UpstreamProtocolError) as err:
-            if prepared is None:
-                raise
-            # Headers already went out: a status can no longer say it. Cut the connection
-            # so the client sees an incomplete body instead of a clean end that looks like
-            # success.
+            try:
+                async with asyncio.timeout_at(
+                    min(loop.time() + route.first_byte_timeout, deadline)
+                ) as timer:
+                    return await self._relay(ex, route, url, body, state, timer, attempt, deadline)
+            except TimeoutError as exc:
+                phase = "total" if loop.time() >= deadline else attempt.phase
+                err: UpstreamTimeout | UpstreamProtocolError = UpstreamTimeout(
+                    f"upstream {phase} timeout", phase=phase
+                )
+                err.__cause__ = exc
+            except (UpstreamTimeout, UpstreamProtocolError) as exc:
+                err = exc
+            if attempt.prepared is None:
+                raise err
+            # Headers already went out: a status can no longer say it. Cut the connection so
+            # the client sees an incomplete body instead of a clean end that looks like success.
             log.warning("upstream failed mid-body: %s (request %s)", err, ex.request_id)
             if request.transport is not None:
                 request.transport.close()
-            return prepared
+            return attempt.prepared
         finally:
             endpoint.in_flight -= 1
+
+    async def _relay(
+        self,
+        ex: Exchange,
+        route: Route,
+        url: URL,
+        body: bytes | AsyncIterator[bytes] | None,
+        state: _BodyState,
+        timer: asyncio.Timeout,
+        attempt: _Attempt,
+        deadline: float,
+    ) -> web.StreamResponse:
+        request = ex.request
+        loop_time = asyncio.get_running_loop().time
+        with map_upstream_errors(attempt):
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=self._upstream_headers(ex),
+                    data=body,
+                    allow_redirects=False,
+                    timeout=self._socket_timeouts[route.index],
+                )
+            except Exception:
+                if state.too_large:
+                    raise PayloadTooLarge(
+                        f"request body exceeds {route.max_body_bytes} bytes"
+                    ) from None
+                raise
+        try:
+            ex.upstream_status = upstream.status
+            attempt.phase = "idle"
+            idle = route.idle_timeout
+            timer.reschedule(min(loop_time() + idle, deadline))
+            headers = self._response_headers(ex, upstream)
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= BUFFER_LIMIT
+                and request.method != "HEAD"
+                and upstream.status not in _NO_BODY_STATUSES
+            ):
+                with map_upstream_errors(attempt):
+                    data = await upstream.read()
+                del headers["Content-Length"]
+                ex.status = upstream.status
+                return web.Response(
+                    status=upstream.status, reason=upstream.reason, body=data, headers=headers
+                )
+            prepared = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
+            ex.status = upstream.status
+            await prepared.prepare(request)
+            attempt.prepared = prepared
+            reader = upstream.content
+            with map_upstream_errors(attempt):
+                while chunk := await reader.readany():
+                    await prepared.write(chunk)
+                    timer.reschedule(min(loop_time() + idle, deadline))
+            await prepared.write_eof()
+            return prepared
+        except BaseException:
+            upstream.close()  # not returned to the pool half-read
+            raise
+        finally:
+            upstream.release()
