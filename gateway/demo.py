@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
 import sys
 
@@ -21,6 +22,7 @@ __all__ = ["BackendProcess", "run_demo", "start_backends", "stop_backends"]
 
 READY_TIMEOUT = 60.0  # seconds a backend may take to start
 STOP_TIMEOUT = 10.0  # seconds a backend may take to exit after SIGTERM
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class BackendProcess:
@@ -34,6 +36,15 @@ class BackendProcess:
 
     def __repr__(self) -> str:
         return f"<BackendProcess {self.region} {self.url} pid={self.proc.pid}>"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when the parent dies (prctl(2))."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the demo's own stop path still applies
+        pass
 
 
 async def _pump(prefix: str, stream: asyncio.StreamReader) -> None:
@@ -63,6 +74,9 @@ async def start_backends(
                     "--host", url.host, "--port", str(url.port),
                     "--ttft-ms", str(ttft_ms), "--tokens-per-second", str(tokens_per_second),
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                    # own session: Ctrl-C reaches only us, so the gateway drains before the
+                    # backends stop; the parent-death signal stops them if we are killed
+                    start_new_session=True, preexec_fn=_die_with_parent,
                 )  # fmt: skip
                 backend = BackendProcess(region, url, proc)
                 started.append(backend)

@@ -1,0 +1,152 @@
+"""Real processes on loopback: regional backends (``python -m backend``) and gateways
+(``python -m gateway gateway -c FILE``), started once per module and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_DB = ROOT / "geodb" / "dbip-country.mmdb"
+TEST_DB_DIR = ROOT / "tests" / "data" / "geodb"
+
+# region -> (zones, number of endpoints): the demo's topology
+TOPOLOGY: dict[str, tuple[list[str], int]] = {
+    "us-east-1": (["us", "global"], 2),
+    "eu-west-1": (["eu", "global"], 2),
+    "eu-central-1": (["eu", "global"], 1),
+    "ap-southeast-1": (["global"], 1),
+}
+EU_REGIONS = {"eu-west-1", "eu-central-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_readers: dict[int, queue.Queue[bytes]] = {}
+
+
+def _reader_for(proc: subprocess.Popen[bytes]) -> queue.Queue[bytes]:
+    """A queue fed with the process's stdout lines by a daemon thread (b"" at EOF).
+
+    A thread rather than select() on the pipe: select sees only the file descriptor, not the
+    lines already pulled into Python's buffer by an earlier readline.
+    """
+    lines = _readers.get(proc.pid)
+    if lines is None:
+        lines = _readers[proc.pid] = queue.Queue()
+        stdout = proc.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in iter(stdout.readline, b""):
+                lines.put(line)
+            lines.put(b"")
+
+        threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout: float = 60) -> bytes:
+    """Read the process's stdout until a line containing ``needle``; fail on exit/timeout."""
+    lines = _reader_for(proc)
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if not line:
+            raise RuntimeError(f"process exited ({proc.wait()}) before ready:\n{seen.decode()}")
+        seen += line
+        if needle in line:
+            return line
+    raise RuntimeError(f"not ready within {timeout} s:\n{seen.decode()}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
+
+
+@dataclass
+class Cluster:
+    """Running backends and the config they imply."""
+
+    tmp: Path
+    endpoints: dict[str, list[str]] = field(default_factory=dict)
+    backends: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    gateways: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def gateway_config(self, *, geodb: Path, trusted: list[str], name: str) -> Path:
+        raw: dict[str, Any] = {
+            "gateway": {"region": "us-east-1", "listen": "127.0.0.1:0",
+                        "trusted_proxies": trusted, "geodb": str(geodb),
+                        "limits": {"max_body_bytes": "1MiB"}},
+            "residency": {"policy": str(ROOT / "config" / "residency.yaml")},
+            "regions": {r: {"zones": TOPOLOGY[r][0], "endpoints": eps}
+                        for r, eps in self.endpoints.items()},
+            "routes": [{"prefix": "/", "timeouts": {"first_byte": "30s", "idle": "30s"}}],
+        }  # fmt: skip
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def start_gateway(self, config: Path) -> str:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--log-level", "WARNING", "gateway", "-c",
+             str(config)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=None, env={**os.environ},
+        )  # fmt: skip
+        self.gateways.append(proc)
+        line = wait_for_line(proc, b"listening on")
+        return "http://" + line.decode().strip().rsplit(" ", 1)[-1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp=tmp_path_factory.mktemp("cluster"))
+    try:
+        for region, (zones, count) in TOPOLOGY.items():
+            for _ in range(count):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "backend", "--region", region, "--zones",
+                     ",".join(zones), "--host", "127.0.0.1", "--port", str(port),
+                     "--ttft-ms", "20", "--tokens-per-second", "100"],
+                    cwd=ROOT, stdout=subprocess.PIPE, stderr=None,
+                )  # fmt: skip
+                c.endpoints.setdefault(region, []).append(url)
+                c.backends[url] = proc
+        for proc in c.backends.values():
+            wait_for_line(proc, b"listening on")
+        yield c
+    finally:
+        for proc in [*c.gateways, *c.backends.values()]:
+            stop(proc)
