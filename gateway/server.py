@@ -103,8 +103,12 @@ class _UriTooLong(BadRequest):
 class _Server(web.Server):
     """web.Server that builds our connection handler class."""
 
+    request_line_limit = 8190
+
     def __call__(self) -> RequestHandler:
-        return _GatewayProtocol(self, loop=self._loop, **self._kwargs)
+        handler = _GatewayProtocol(self, loop=self._loop, **self._kwargs)
+        handler.request_line_limit = self.request_line_limit
+        return handler
 
 
 class GatewayServer:
@@ -135,6 +139,7 @@ class GatewayServer:
         )
         self.trusted = TrustedProxies.parse(config.gateway.trusted_proxies)
         self._pipeline: Pipeline | None = None
+        self._resolver: TTLResolver | None = None
         self._runner: web.ServerRunner | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -152,15 +157,14 @@ class GatewayServer:
             cfg.gateway.geodb, cache_size=cfg.gateway.geoip_cache_size
         )
         up = cfg.upstream
+        self._resolver = TTLResolver(
+            min_ttl=up.dns_min_ttl, max_ttl=up.dns_max_ttl, nameservers=list(up.nameservers) or None
+        )
         connector = aiohttp.TCPConnector(
             limit=up.max_connections,
             limit_per_host=up.max_connections_per_endpoint,
             keepalive_timeout=up.keepalive_timeout,
-            resolver=TTLResolver(
-                min_ttl=up.dns_min_ttl,
-                max_ttl=up.dns_max_ttl,
-                nameservers=list(up.nameservers) or None,
-            ),
+            resolver=self._resolver,
             use_dns_cache=False,
         )
         self.session = aiohttp.ClientSession(
@@ -174,7 +178,6 @@ class GatewayServer:
         locate = LocateStage(self.geodb, self.rules, self.trusted)
         self._pipeline = Pipeline(self.routes, [locate], forwarder)
         limits = cfg.gateway.limits
-        _GatewayProtocol.request_line_limit = limits.max_request_line_bytes
         server = _Server(
             self._handle,
             handler_cancellation=True,
@@ -183,6 +186,7 @@ class GatewayServer:
             max_field_size=limits.max_header_bytes,
             max_headers=limits.max_headers,
         )
+        server.request_line_limit = limits.max_request_line_bytes
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         listen = cfg.gateway.listen
@@ -245,6 +249,9 @@ class GatewayServer:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self._resolver is not None:  # the connector does not close a resolver it was given
+            await self._resolver.close()
+            self._resolver = None
         if self.geodb is not None:
             self.geodb.close()
             self.geodb = None
