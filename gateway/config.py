@@ -19,7 +19,7 @@ import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -214,6 +214,11 @@ class GatewaySection(_Model):
     region: Name  # the region this gateway runs in; preferred for every zone it serves
     listen: ListenAddr = Listen(host="127.0.0.1", port=8080)
     trusted_proxies: tuple[Cidr, ...] = ()  # peers whose X-Forwarded-For / Forwarded we trust
+    # Which forwarding header names the client behind a trusted proxy. Most proxies (nginx,
+    # cloud load balancers) append to X-Forwarded-For and pass a client's own Forwarded header
+    # through untouched, so believing Forwarded is opt-in: "forwarded" (RFC 7239 only) or
+    # "both" (Forwarded when present, else X-Forwarded-For) for proxies that write it.
+    client_address_header: Literal["x-forwarded-for", "forwarded", "both"] = "x-forwarded-for"
     geodb: Path  # MaxMind DB file: GeoIP2/GeoLite2 Country or City, or DB-IP country
     geoip_cache_size: int = Field(default=65536, ge=0)  # LRU entries of address -> country
     limits: LimitsConfig = LimitsConfig()

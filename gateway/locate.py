@@ -27,23 +27,33 @@ class LocateStage:
         geodb: the open GeoIP database.
         rules: the residency rules.
         trusted: proxies whose forwarding headers are believed.
+        header: ``gateway.client_address_header``: which header names the client.
     """
 
     name = "locate"
-    __slots__ = ("_geodb", "_rules", "_trusted")
+    __slots__ = ("_geodb", "_rules", "_trusted", "_use_forwarded", "_use_xff")
 
-    def __init__(self, geodb: GeoDatabase, rules: ResidencyRules, trusted: TrustedProxies):
+    def __init__(
+        self,
+        geodb: GeoDatabase,
+        rules: ResidencyRules,
+        trusted: TrustedProxies,
+        *,
+        header: str = "x-forwarded-for",
+    ) -> None:
         self._geodb = geodb
         self._rules = rules
         self._trusted = trusted
+        self._use_xff = header in ("x-forwarded-for", "both")
+        self._use_forwarded = header in ("forwarded", "both")
 
     async def on_request(self, ex: Exchange) -> LocalReply | None:
         """Decide the zone; raises ResidencyUnavailable (451) when no region serves it."""
         request = ex.request
         headers = request.headers
         peer = request.remote
-        xff = headers.getall("X-Forwarded-For", None)
-        fwd = headers.getall("Forwarded", None)
+        xff = headers.getall("X-Forwarded-For", None) if self._use_xff else None
+        fwd = headers.getall("Forwarded", None) if self._use_forwarded else None
         ip, _ = client_address(
             peer,
             x_forwarded_for=",".join(xff) if xff else None,

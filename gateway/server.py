@@ -175,7 +175,9 @@ class GatewayServer:
             timeout=aiohttp.ClientTimeout(total=None),
         )
         forwarder = HttpForwarder(self.session, self.upstreams, self.routes, cfg.gateway.via)
-        locate = LocateStage(self.geodb, self.rules, self.trusted)
+        locate = LocateStage(
+            self.geodb, self.rules, self.trusted, header=cfg.gateway.client_address_header
+        )
         self._pipeline = Pipeline(self.routes, [locate], forwarder)
         limits = cfg.gateway.limits
         server = _Server(

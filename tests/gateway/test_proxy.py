@@ -111,6 +111,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         limits: dict[str, Any] | None = None,
         timeouts: dict[str, Any] | None = None,
         route_body_limit: str | None = None,
+        header: str = "x-forwarded-for",
     ) -> str:
         route: dict[str, Any] = {"prefix": "/", "timeouts": timeouts or {}}
         if route_body_limit:
@@ -119,6 +120,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
             "gateway": {
                 "region": "us-east-1", "listen": "127.0.0.1:0", "trusted_proxies": list(trusted),
                 "geodb": str(COUNTRY_TEST_DB), "limits": limits or {},
+                "client_address_header": header,
             },
             "residency": {
                 "default_zone": "global",
@@ -225,6 +227,18 @@ async def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored(
     [seen] = upstreams["us-east-1"].received
     assert seen["headers"]["X-Forwarded-For"] == "127.0.0.1"
     assert GB not in seen["headers"]["Forwarded"]
+
+
+@pytest.mark.parametrize(
+    ("header", "zone"), [("x-forwarded-for", "global"), ("forwarded", "eu"), ("both", "eu")]
+)
+async def test_forwarded_header_is_believed_only_when_configured(
+    make_gateway: GatewayFactory, upstreams: dict[str, Upstream], client: aiohttp.ClientSession,
+    header: str, zone: str,
+) -> None:  # fmt: skip
+    base = await make_gateway({r: [u.url] for r, u in upstreams.items()}, header=header)
+    async with client.get(f"{base}/echo", headers={"Forwarded": f'for="{GB}:4711"'}) as resp:
+        assert resp.headers["X-Residency-Zone"] == zone
 
 
 async def test_forwarding_headers_from_trusted_peer_are_extended(
