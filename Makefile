@@ -22,6 +22,8 @@ run: $(VENV)/.run-installed
 
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check gateway backend tests bench
+	$(PY) -m ruff format --check gateway backend tests bench
+	$(PY) -m mypy gateway backend
 	$(PY) -m pytest
 
 bench: $(VENV)/.test-installed

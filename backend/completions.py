@@ -273,10 +273,10 @@ async def _stream(
                 if text := chunk.text:
                     emitted.append(text)
                     await response.write(frame({"content": text}))
-                if chunk.usage_metadata:
+                if usage := getattr(chunk, "usage_metadata", None):  # on AIMessageChunk only
                     reported = True
-                    prompt_tokens += chunk.usage_metadata["input_tokens"]
-                    completion_tokens += chunk.usage_metadata["output_tokens"]
+                    prompt_tokens += usage["input_tokens"]
+                    completion_tokens += usage["output_tokens"]
                 finish_reason = chunk.response_metadata.get("finish_reason") or finish_reason
     except Exception:
         if not response.prepared:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import aclosing
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -124,7 +125,8 @@ def _single_input(chain: Runnable[Any, Any], body: dict[str, Any]) -> Any:
 
 
 def _validated_input(chain: Runnable[Any, Any], value: Any, *loc: str | int) -> Any:
-    model = chain.get_input_schema()
+    # langchain-core types it as pydantic v1 or v2; these chains are built with v2 models
+    model = cast("type[BaseModel]", chain.get_input_schema())
     try:
         validated = model.model_validate(value)
     except ValidationError as exc:
@@ -137,7 +139,7 @@ def _validated_input(chain: Runnable[Any, Any], value: Any, *loc: str | int) -> 
 
 
 def _run_config(name: str, run_id: uuid.UUID, **extra: Any) -> RunnableConfig:
-    return RunnableConfig(run_id=run_id, run_name=name, **extra)
+    return cast(RunnableConfig, {"run_id": run_id, "run_name": name, **extra})
 
 
 def _client_left(request: web.Request) -> bool:
@@ -221,7 +223,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     metadata = encode_event(orjson.dumps({"run_id": str(run_id)}), event="metadata", sep=CRLF)
     try:
-        async with aclosing(chain.astream(value, config=_run_config(name, run_id))) as chunks:
+        stream = cast(
+            "AsyncGenerator[Any, None]", chain.astream(value, config=_run_config(name, run_id))
+        )
+        async with aclosing(stream) as chunks:
             async for chunk in chunks:
                 if not response.prepared:
                     await response.prepare(request)
@@ -247,11 +252,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def input_schema(request: web.Request) -> web.Response:
     """JSON Schema of the chain's input (``Runnable.get_input_schema``). Raises UnknownChain."""
     _, chain = _chain(request)
-    return _json(chain.get_input_schema().model_json_schema())
+    return _json(cast("type[BaseModel]", chain.get_input_schema()).model_json_schema())
 
 
 @routes.get("/{chain}/output_schema")
 async def output_schema(request: web.Request) -> web.Response:
     """JSON Schema of the chain's output (``Runnable.get_output_schema``). Raises UnknownChain."""
     _, chain = _chain(request)
-    return _json(chain.get_output_schema().model_json_schema())
+    return _json(cast("type[BaseModel]", chain.get_output_schema()).model_json_schema())

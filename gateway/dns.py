@@ -56,7 +56,7 @@ _ARES_NAME_FLAGS: Final = pycares.ARES_NI_NUMERICHOST | pycares.ARES_NI_NUMERICS
 # addresses are numeric, so the connector's own getaddrinfo() never goes back to DNS.
 _NUMERIC_SOCKET_FLAGS: Final = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
-_Key = tuple[str, int, int]  # (host, port, family)
+_Key = tuple[str, int, socket.AddressFamily]  # (host, port, family)
 
 
 @dataclass(slots=True)
@@ -230,8 +230,9 @@ class TTLResolver(AbstractResolver):
             raise OSError(None, msg) from exc
         if not addrs:
             raise OSError(None, "DNS lookup failed")
-        ttl = min(record.ttl for record in (*answer.nodes, *answer.cnames))
-        ttl = min(max(float(ttl), self._min_ttl), self._max_ttl)
+        ttls: list[int] = [node.ttl for node in answer.nodes]
+        ttls.extend(cname.ttl for cname in answer.cnames)
+        ttl = min(max(float(min(ttls)), self._min_ttl), self._max_ttl)
         # the TTL counts from when the answer arrived, not from when it was asked for
         entry = _Entry(addrs=addrs, expires_at=self._clock() + ttl)
         self._cache[key] = entry

@@ -110,13 +110,13 @@ class TrustedProxies:
         v4: list[IPv4Network] = []
         v6: list[IPv6Network] = []
         for net in networks:
-            if net.version == 6 and net.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+            if net.version == 6 and net.subnet_of(_IPV4_MAPPED):
                 mapped = IPv4Address(int(net.network_address) & 0xFFFFFFFF)
                 v4.append(IPv4Network((mapped, net.prefixlen - 96)))
             elif net.version == 4:
-                v4.append(net)  # type: ignore[arg-type]
+                v4.append(net)
             else:
-                v6.append(net)  # type: ignore[arg-type]
+                v6.append(net)
         v4 = list(collapse_addresses(v4))
         v6 = list(collapse_addresses(v6))
         self._networks: tuple[IPv4Network | IPv6Network, ...] = (*v4, *v6)
@@ -179,7 +179,7 @@ class TrustedProxies:
             True when some trusted network contains the address.
         """
         if ip.version == 6:
-            mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+            mapped = ip.ipv4_mapped
             if mapped is not None:
                 ip = mapped
         nets = self._v4 if ip.version == 4 else self._v6
@@ -240,7 +240,7 @@ def _parse_node(node: str) -> IPv4Address | IPv6Address | None:
     except ValueError:
         return None
     if ip.version == 6:
-        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+        mapped = ip.ipv4_mapped
         if mapped is not None:
             return mapped
     return ip
@@ -276,8 +276,8 @@ def _forwarded_nodes(header: str) -> list[str | None]:
         node: str | None = None
         seen_for = False
         empty = True
-        for pair in pairs:
-            key, eq, value = pair.partition("=")
+        for item in pairs:
+            key, eq, value = item.partition("=")
             key = key.strip()
             if key or eq:
                 empty = False

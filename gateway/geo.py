@@ -99,7 +99,7 @@ def is_special_purpose(ip: IPv4Address | IPv6Address) -> bool:
         return True
     if ip.version == 4:
         return any(ip in net for net in _DOCUMENTATION_V4)
-    return ip.is_site_local or any(ip in net for net in _DOCUMENTATION_V6)  # type: ignore[union-attr]
+    return ip.is_site_local or any(ip in net for net in _DOCUMENTATION_V6)
 
 
 def _country_code(value: Any) -> str | None:
@@ -300,7 +300,7 @@ class GeoDatabase:
         """
         if isinstance(ip, str):
             ip = ip_address(ip)
-        return self._lookup(ip)  # type: ignore[arg-type]
+        return self._lookup(ip)
 
     def cache_info(self) -> functools._CacheInfo:
         """LRU statistics: hits, misses, maxsize, currsize (for metrics and tests)."""
@@ -339,7 +339,7 @@ def _make_resolver(
 
     def resolve(ip: IPv4Address | IPv6Address) -> str | None:
         if ip.version == 6:
-            mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+            mapped = ip.ipv4_mapped
             if mapped is not None:
                 ip = mapped
             elif ipv4_only:  # the reader raises ValueError for IPv6 in an IPv4-only tree

@@ -194,10 +194,9 @@ class GatewayServer:
         listen = cfg.gateway.listen
         site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
         await site.start()
-        self.bound = [
-            s.getsockname()[:2]
-            for s in (site._server.sockets if site._server else ())  # type: ignore[union-attr]
-        ]
+        server_obj = site._server
+        sockets = getattr(server_obj, "sockets", None) or ()
+        self.bound = [sock.getsockname()[:2] for sock in sockets]
         log.info("gateway %s listening on %s", cfg.gateway.region, self.bound)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
