@@ -142,3 +142,21 @@ def test_gateway_refuses_to_start_on_invalid_config() -> None:
     assert proc.returncode == 1
     assert "zone 'mars' is not defined" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["gateway", "check-config"])
+def test_unreadable_geoip_database_is_a_clear_error(tmp_path: Path, command: str) -> None:
+    garbage = tmp_path / "broken.mmdb"
+    garbage.write_bytes(b"this is not a MaxMind DB" * 100)
+    text = (CONFIG_DIR / "good_minimal.yaml").read_text()
+    text = text.replace("../../geodb/dbip-country.mmdb", str(garbage))
+    config = tmp_path / "gw.yaml"
+    config.write_text(text)
+    args = ["gateway", "-c", str(config)] if command == "gateway" else [command, str(config)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert str(garbage) in proc.stderr
+    assert "Traceback" not in proc.stderr

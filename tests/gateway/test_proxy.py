@@ -43,7 +43,7 @@ class Upstream:
                 body += chunk
         self.received.append(
             {"method": request.method, "path": request.path_qs, "headers": request.headers.copy(),
-             "body": body}
+             "body": body, "peer": request.transport.get_extra_info("peername")}
         )  # fmt: skip
         region = {"X-Served-Region": self.region}
         if request.path == "/hop":
@@ -504,3 +504,35 @@ async def test_no_route_is_404(
             assert orjson.loads(await resp.read())["type"].endswith("/route-not-found")
     finally:
         await server.stop(0)
+
+
+async def test_expect_100_continue_is_answered_before_the_body(
+    gw: str, upstreams: dict[str, Upstream]
+) -> None:
+    host, port = gw.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"hello")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    [seen] = upstreams["us-east-1"].received
+    assert seen["body"] == b"hello"
+    assert "Expect" not in seen["headers"]
+
+
+async def test_upstream_connections_are_pooled(
+    gw: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream]
+) -> None:
+    for _ in range(10):
+        async with client.get(f"{gw}/echo") as resp:
+            assert resp.status == 200
+            await resp.read()
+    peers = {seen["peer"] for seen in upstreams["us-east-1"].received}
+    assert len(peers) == 1  # ten requests, one keep-alive connection to the upstream
