@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from contextlib import aclosing
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any, cast
 
 import orjson
