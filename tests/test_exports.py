@@ -12,12 +12,13 @@ import pytest
 import backend
 import gateway
 
-MODULES = sorted(
+SUBMODULES = sorted(
     m.name
     for pkg in (gateway, backend)
     for m in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + ".")
     if not m.name.endswith("__main__")
 )
+MODULES = ["backend", "gateway", *SUBMODULES]
 
 
 @pytest.mark.parametrize("name", MODULES)
