@@ -89,7 +89,7 @@ class _GatewayProtocol(RequestHandler):
             error = HeaderFieldsTooLarge("too many header fields")
         else:
             error = BadRequest(f"malformed HTTP request: {exc.message}")
-        resp = _problem_response(error, None)
+        resp = _problem_response(error, uuid.uuid4().hex)
         resp.force_close()
         return resp
 

@@ -374,7 +374,9 @@ async def test_header_field_too_large_is_431(gw: str) -> None:
     )
     assert status == 431
     assert headers["content-type"] == "application/problem+json"
-    assert orjson.loads(body)["status"] == 431
+    problem = orjson.loads(body)
+    assert problem["status"] == 431
+    assert problem["request_id"] == headers["x-request-id"]
 
 
 async def test_too_many_headers_is_431(gw: str) -> None:
