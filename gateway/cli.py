@@ -61,6 +61,9 @@ async def _serve_until_signalled(config: GatewayConfig, drain_timeout: float) ->
         print(f"error: cannot listen on {config.gateway.listen}: {exc.strerror}", file=sys.stderr)
         await server.stop(0)
         return 1
+    if server.admin_bound:
+        admin = ", ".join(f"{h}:{p}" for h, p in server.admin_bound)
+        print(f"admin listening on {admin}", flush=True)
     bound = ", ".join(f"{h}:{p}" for h, p in server.bound)
     print(f"gateway {config.gateway.region} listening on {bound}", flush=True)
     await stop.wait()

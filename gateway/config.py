@@ -39,13 +39,19 @@ __all__ = [
     "MIB",
     "MS",
     "SECONDS",
+    "AdminConfig",
+    "BreakerConfig",
     "ConfigError",
     "GatewayConfig",
     "GatewaySection",
+    "HealthConfig",
     "LimitsConfig",
     "Listen",
+    "OutlierConfig",
     "RegionConfig",
     "ResidencyConfig",
+    "RetryBudgetConfig",
+    "RetryConfig",
     "RouteConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
@@ -248,6 +254,7 @@ class RegionConfig(_Model):
 
     zones: tuple[Name, ...] = Field(min_length=1)
     endpoints: tuple[Endpoint, ...] = Field(min_length=1)
+    drained: bool = False  # a drained region takes no new requests; in-flight ones finish
     description: str = ""
 
 
@@ -265,6 +272,26 @@ class TimeoutsConfig(_Model):
     total: Duration = 600 * SECONDS  # whole exchange, retries included -> 504 total
 
 
+class RetryConfig(_Model):
+    """When a failed attempt is tried again on another endpoint (same zone, never another).
+
+    Only before any response byte went to the client. A connect failure is retried for every
+    method (nothing was sent); a reset before the response or a status in ``on_statuses`` only
+    for idempotent methods (RFC 9110 §9.2.2), or for any method when ``non_idempotent`` is set
+    or the request carries an ``Idempotency-Key`` (IETF httpapi draft).
+
+    Usage::
+
+        retry: {attempts: 3, on_statuses: [502, 503, 504], non_idempotent: false}
+    """
+
+    attempts: int = Field(default=3, ge=1, le=10)  # total attempts, the first included
+    on_statuses: tuple[int, ...] = (502, 503, 504)
+    non_idempotent: bool = False  # retry POST/PATCH too (the upstream dedupes)
+    backoff_base: Duration = 25 * MS  # full-jitter exponential backoff between attempts
+    backoff_cap: Duration = 250 * MS
+
+
 class RouteConfig(_Model):
     """One route: requests whose host and path prefix match go to ``service``'s regions.
 
@@ -277,6 +304,52 @@ class RouteConfig(_Model):
     methods: tuple[str, ...] | None = None  # None: every method but CONNECT and TRACE
     timeouts: TimeoutsConfig = TimeoutsConfig()
     max_body_bytes: Size | None = None  # overrides gateway.limits.max_body_bytes
+    retry: RetryConfig = RetryConfig()
+
+
+class HealthConfig(_Model):
+    """Active health probes per endpoint (HAProxy ``inter``/``rise``/``fall``: 2 s, 2, 3)."""
+
+    enabled: bool = True
+    path: str = "/health"  # the backend's deep health check
+    interval: Duration = 2 * SECONDS
+    timeout: Duration = 1 * SECONDS
+    healthy_threshold: int = Field(default=2, ge=1)
+    unhealthy_threshold: int = Field(default=3, ge=1)
+    expected_statuses: tuple[int, ...] = (200,)
+    jitter: float = Field(default=0.2, ge=0, lt=1)  # each wait is interval x (1 ± jitter)
+
+
+class OutlierConfig(_Model):
+    """Passive outlier detection: consecutive failures on real traffic eject an endpoint."""
+
+    consecutive_failures: int = Field(default=5, ge=1)  # 5xx, connect failures, timeouts
+    base_ejection_time: Duration = 30 * SECONDS  # x times ejected
+    max_ejection_time: Duration = 300 * SECONDS
+    max_ejection_share: float = Field(default=0.5, gt=0, le=1)  # at least one may always go
+    trial_requests: int = Field(default=1, ge=1)  # concurrent requests when an ejection ends
+
+
+class BreakerConfig(_Model):
+    """Circuit breaker per endpoint (pybreaker's state machine)."""
+
+    fail_max: int = Field(default=5, ge=1)  # consecutive failures that open it
+    reset_timeout: Duration = 30 * SECONDS  # OPEN lasts this long, then HALF_OPEN
+    half_open_max_concurrent: int = Field(default=1, ge=1)  # trial requests in HALF_OPEN
+
+
+class RetryBudgetConfig(_Model):
+    """Retries in flight stay below max(min_concurrent, ratio x active requests) (Envoy)."""
+
+    ratio: float = Field(default=0.2, ge=0, le=1)
+    min_concurrent: int = Field(default=3, ge=0)
+
+
+class AdminConfig(_Model):
+    """The admin listener: status JSON, drain/undrain, metrics. Keep it off public networks."""
+
+    listen: ListenAddr | None = None  # None: no admin listener
+    token: str | None = None  # when set, required as "Authorization: Bearer <token>"
 
 
 class UpstreamConfig(_Model):
@@ -288,6 +361,12 @@ class UpstreamConfig(_Model):
     dns_min_ttl: Duration = 1 * SECONDS  # record TTLs are clamped into [min, max]
     dns_max_ttl: Duration = 300 * SECONDS
     nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; empty: the system's resolvers
+    max_concurrent_per_endpoint: int = Field(default=0, ge=0)  # bulkhead; 0: no cap -> 503
+    latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)  # weight of a new RTT sample
+    health: HealthConfig = HealthConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
 
 
 class GatewayConfig(_Model):
@@ -298,6 +377,7 @@ class GatewayConfig(_Model):
     regions: Mapping[Name, RegionConfig]
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
     upstream: UpstreamConfig = UpstreamConfig()
+    admin: AdminConfig = AdminConfig()
     source: Path | None = Field(default=None, exclude=True)  # the file it was loaded from
 
 

@@ -15,15 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.budget import RetryBudget, backoff_delay, parse_retry_after
 from gateway.errors import (
+    GatewayError,
+    NoHealthyUpstream,
     PayloadTooLarge,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -38,10 +43,17 @@ from gateway.headers import (
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
+    from gateway.metrics import Metrics
     from gateway.routing import Route, RouteTable
-    from gateway.upstreams import Upstreams
+    from gateway.upstreams import Endpoint, Lease, Region, Upstreams
 
-__all__ = ["BUFFER_LIMIT", "HttpForwarder", "map_upstream_errors"]
+__all__ = [
+    "BUFFER_LIMIT",
+    "IDEMPOTENT_METHODS",
+    "HttpForwarder",
+    "map_upstream_errors",
+    "sse_error_event",
+]
 
 log = logging.getLogger("geogate.proxy")
 
@@ -49,13 +61,54 @@ BUFFER_LIMIT = 64 * 1024  # bytes: bodies up to this size with a Content-Length 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _FORWARDING_FIELDS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # RFC 9110
 
 
 class _BodyState:
-    __slots__ = ("too_large",)
+    __slots__ = ("started", "too_large")
 
     def __init__(self) -> None:
+        self.started = False  # a streamed body began to be sent: it cannot be replayed
         self.too_large = False
+
+
+def _result_of(err: GatewayError) -> str:
+    if isinstance(err, UpstreamTimeout):
+        return "timeout"
+    if isinstance(err, UpstreamConnectError):
+        return "connect_error"
+    return "protocol_error"
+
+
+def _retry_reason(err: GatewayError, *, idempotent: bool) -> str | None:
+    """Why ``err`` may be retried on another endpoint, or None when it may not."""
+    if isinstance(err, UpstreamConnectError) or (
+        isinstance(err, UpstreamTimeout) and err.phase == "connect"
+    ):
+        return "connect"  # nothing reached the upstream: safe for every method
+    if isinstance(err, UpstreamProtocolError) and idempotent:
+        return "reset"
+    return None
+
+
+def sse_error_event(path: str, err: GatewayError, request_id: str) -> bytes:
+    """An SSE event that tells the client its stream failed, in the stream's own dialect.
+
+    LangServe streams (``.../stream``) get ``event: error`` with ``{"status_code", "message"}``
+    (LangServe's wire format); others get OpenAI's ``data: {"error": {...}}``, which the
+    openai client raises as an APIError.
+    """
+    if path.endswith("/stream") or path.endswith("/stream_log"):
+        data = orjson.dumps({"status_code": err.status, "message": str(err)})
+        return b"event: error\r\ndata: " + data + b"\r\n\r\n"
+    payload = {
+        "error": {
+            "message": f"{err} (request {request_id})",
+            "type": "upstream_error",
+            "code": err.slug,
+        }
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 async def _limited_body(
@@ -63,6 +116,7 @@ async def _limited_body(
 ) -> AsyncIterator[bytes]:
     """Relay a request body chunk by chunk, stopping once it passes ``limit`` bytes."""
     seen = 0
+    state.started = True
     async for chunk in content.iter_any():
         seen += len(chunk)
         if seen > limit:
@@ -71,25 +125,15 @@ async def _limited_body(
         yield chunk
 
 
-class _Attempt:
-    """What one forwarding attempt has reached: its phase, and the response once prepared."""
-
-    __slots__ = ("phase", "prepared")
-
-    def __init__(self) -> None:
-        self.phase = "first_byte"
-        self.prepared: web.StreamResponse | None = None
-
-
 @contextlib.contextmanager
-def map_upstream_errors(attempt: _Attempt) -> Iterator[None]:
+def map_upstream_errors(phase: str) -> Iterator[None]:
     """Translate aiohttp client errors into GatewayErrors, raised ``from`` the original.
 
     Our own timeout scopes surface as TimeoutError outside this block (``asyncio.timeout``
     converts the cancellation at its own exit); ``forward`` maps those.
 
     Args:
-        attempt: the attempt, whose ``phase`` names a timeout raised inside the client.
+        phase: names a timeout raised inside the client (``first_byte``, ``idle``).
 
     Raises:
         UpstreamTimeout: connect (aiohttp's sock_connect) ran out, or the client raised a
@@ -102,7 +146,7 @@ def map_upstream_errors(attempt: _Attempt) -> Iterator[None]:
     except aiohttp.ConnectionTimeoutError as exc:
         raise UpstreamTimeout("connecting to the upstream timed out", phase="connect") from exc
     except aiohttp.ServerTimeoutError as exc:
-        raise UpstreamTimeout("upstream read timed out", phase=attempt.phase) from exc
+        raise UpstreamTimeout("upstream read timed out", phase=phase) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamConnectError(f"cannot connect to the upstream: {exc.os_error}") from exc
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
@@ -121,14 +165,28 @@ class HttpForwarder:
         upstreams: the endpoints by region.
         routes: the compiled routes (per-route socket timeouts are prepared from them).
         via: the Via pseudonym (RFC 9110 §7.6.3).
+        budget: the process's retry budget.
+        metrics: where attempts, retries and refusals are counted.
+        retry_after: seconds sent as Retry-After when the zone has no available region.
     """
 
     def __init__(
-        self, session: aiohttp.ClientSession, upstreams: Upstreams, routes: RouteTable, via: str
+        self,
+        session: aiohttp.ClientSession,
+        upstreams: Upstreams,
+        routes: RouteTable,
+        via: str,
+        *,
+        budget: RetryBudget,
+        metrics: Metrics,
+        retry_after: int = 2,
     ) -> None:
         self._session = session
         self._upstreams = upstreams
         self._via = via
+        self._budget = budget
+        self._metrics = metrics
+        self._retry_after = retry_after
         self._socket_timeouts = {
             r.index: aiohttp.ClientTimeout(total=None, sock_connect=r.connect_timeout)
             for r in routes.routes
@@ -195,12 +253,20 @@ class HttpForwarder:
         return _limited_body(request.content, route.max_body_bytes, state)
 
     async def forward(self, ex: Exchange) -> web.StreamResponse:
-        """Stream ``ex.request`` to an endpoint of ``ex.regions`` and its answer back.
+        """Send ``ex.request`` to an endpoint of its zone, retrying on another one when safe,
+        and stream the answer back.
 
-        ``route.first_byte_timeout`` bounds the wait for response headers, ``idle_timeout`` the
-        gap between body chunks, ``total_timeout`` the whole exchange (seconds; loop clock).
+        ``route.first_byte_timeout`` bounds each attempt's wait for response headers,
+        ``idle_timeout`` the gap between body chunks, ``total_timeout`` the whole exchange
+        with its retries and backoff (seconds; loop clock). An attempt is retried, on an
+        endpoint this request has not tried yet, only before any byte went to the client,
+        within ``route.retry_attempts`` and the retry budget, and only: after a connect
+        failure (nothing was sent: any method), or after a reset before the response or a
+        status in ``route.retry_statuses`` for idempotent methods (RFC 9110 §9.2.2), POST and
+        PATCH included when the route allows or the request has an ``Idempotency-Key``.
 
         Raises:
+            NoHealthyUpstream: no region of the zone is available, or all are full (503).
             PayloadTooLarge: the body passes ``route.max_body_bytes`` (413).
             UpstreamConnectError, UpstreamProtocolError: see ``map_upstream_errors`` (502).
             UpstreamTimeout: a phase ran out of time (504).
@@ -209,108 +275,302 @@ class HttpForwarder:
         route = ex.route
         assert route is not None
         request = ex.request
-        endpoint = self._upstreams.choose(ex.regions, zone=ex.zone or "")
-        ex.endpoint = endpoint
-        ex.attempts += 1
+        zone = ex.zone or ""
+        regions = self._upstreams.candidates(ex.regions)
+        if not regions:
+            self._metrics.residency_blocked.labels(zone).inc()
+            raise NoHealthyUpstream(
+                f"no region of residency zone {zone!r} is available; the request was not "
+                "sent anywhere else",
+                zone=zone,
+                retry_after=self._retry_after,
+            )
         state = _BodyState()
         body = await self._request_body(ex, route, state)
         target = request.raw_path
         if not target.startswith("/"):  # absolute-form (RFC 9112 §3.2.2): keep path + query
             target = request.rel_url.raw_path_qs
-        url = URL(endpoint.origin + target, encoded=True)
         loop = asyncio.get_running_loop()
         deadline = ex.start + route.total_timeout
-        attempt = _Attempt()
-        endpoint.in_flight += 1
+        replayable = body is None or isinstance(body, bytes)
+        idempotent = (
+            request.method in IDEMPOTENT_METHODS
+            or route.retry_non_idempotent
+            or "Idempotency-Key" in request.headers
+        )
+        headers = self._upstream_headers(ex)
+        tried: set[Endpoint] = set()
+        budget = self._budget
+        budget.request_started()
+        holding_retry = False
+        lease = self._upstreams.acquire(regions, tried)
         try:
-            try:
-                async with asyncio.timeout_at(
-                    min(loop.time() + route.first_byte_timeout, deadline)
-                ) as timer:
-                    return await self._relay(ex, route, url, body, state, timer, attempt, deadline)
-            except TimeoutError as exc:
-                phase = "total" if loop.time() >= deadline else attempt.phase
-                err: UpstreamTimeout | UpstreamProtocolError = UpstreamTimeout(
-                    f"upstream {phase} timeout", phase=phase
+            if lease is None:
+                if self._upstreams.is_bulkhead_full(regions):
+                    self._metrics.bulkhead_rejections.labels(zone).inc()
+                    raise NoHealthyUpstream(
+                        "every endpoint of the zone is at its concurrency limit",
+                        zone=zone,
+                        retry_after=1,
+                    )
+                self._metrics.residency_blocked.labels(zone).inc()
+                raise NoHealthyUpstream(
+                    f"no endpoint of residency zone {zone!r} can take the request",
+                    zone=zone,
+                    retry_after=self._retry_after,
                 )
-                err.__cause__ = exc
-            except (UpstreamTimeout, UpstreamProtocolError) as exc:
-                err = exc
-            if attempt.prepared is None:
-                raise err
-            # Headers already went out: a status can no longer say it. Cut the connection so
-            # the client sees an incomplete body instead of a clean end that looks like success.
-            log.warning("upstream failed mid-body: %s (request %s)", err, ex.request_id)
-            if request.transport is not None:
-                request.transport.close()
-            return attempt.prepared
+            while True:
+                endpoint = lease.endpoint
+                tried.add(endpoint)
+                ex.endpoint = endpoint
+                ex.attempts += 1
+                url = URL(endpoint.origin + target, encoded=True)
+                sent_at = loop.time()
+                try:
+                    upstream = await self._send(ex, route, url, headers, body, state, deadline)
+                    first_byte = loop.time() - sent_at
+                    data = await self._read_small(ex, route, upstream, deadline)
+                except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as err:
+                    self._finish(lease, success=False, result=_result_of(err))
+                    reason = _retry_reason(err, idempotent=idempotent)
+                    if reason is None or not (
+                        replayable or (reason == "connect" and not state.started)
+                    ):
+                        raise
+                    retry = await self._next_attempt(
+                        ex, route, regions, tried, reason, deadline, holding_retry
+                    )
+                    if retry is None:
+                        raise
+                    lease, holding_retry = retry, True
+                    continue
+                except BaseException:
+                    lease.release(None)
+                    raise
+                self._record_first_byte(endpoint, first_byte)
+                status = upstream.status
+                if status in route.retry_statuses and idempotent and replayable:
+                    retry_after = parse_retry_after(
+                        upstream.headers.get("Retry-After"), now_epoch=time.time()
+                    )
+                    if retry_after:
+                        self._upstreams.hold(endpoint, retry_after)
+                    retry = await self._next_attempt(
+                        ex, route, regions, tried, f"status_{status}", deadline, holding_retry,
+                        discard=upstream,
+                    )  # fmt: skip
+                    if retry is not None:
+                        self._finish(lease, success=False, result=f"status_{status // 100}xx")
+                        lease, holding_retry = retry, True
+                        continue
+                return await self._stream_back(ex, route, upstream, data, lease, deadline)
         finally:
-            endpoint.in_flight -= 1
+            if holding_retry:
+                budget.release_retry()
+            budget.request_finished()
 
-    async def _relay(
+    async def _next_attempt(
+        self,
+        ex: Exchange,
+        route: Route,
+        regions: list[Region],
+        tried: set[Endpoint],
+        reason: str,
+        deadline: float,
+        holding: bool,
+        discard: aiohttp.ClientResponse | None = None,
+    ) -> Lease | None:
+        """Decide on one more attempt: take another endpoint and the budget, wait the backoff.
+
+        Returns None (keeping ``discard``, the answer the client then gets) when the route's
+        attempts are used up, no other endpoint of the zone is free, the retry budget is
+        exhausted, or the backoff would pass the deadline.
+        """
+        if ex.attempts >= route.retry_attempts:
+            return None
+        loop = asyncio.get_running_loop()
+        delay = backoff_delay(ex.attempts, base=route.backoff_base, cap=route.backoff_cap)
+        if loop.time() + delay >= deadline:
+            return None
+        lease = self._upstreams.acquire(regions, tried)
+        if lease is None:
+            return None
+        if not holding and not self._budget.try_acquire_retry():
+            lease.release(None)
+            self._metrics.retry_budget_exhausted.labels(route.prefix).inc()
+            return None
+        self._metrics.retries.labels(route.prefix, reason).inc()
+        if discard is not None:
+            discard.close()
+        try:
+            await asyncio.sleep(delay)
+        except BaseException:
+            lease.release(None)
+            raise
+        return lease
+
+    def _finish(self, lease: Lease, *, success: bool | None, result: str) -> None:
+        if lease.release(success):
+            self._metrics.ejections.labels(lease.region.name, lease.endpoint.origin).inc()
+        self._metrics.upstream_attempts.labels(lease.region.name, result).inc()
+
+    def _record_first_byte(self, endpoint: Endpoint, seconds: float) -> None:
+        self._upstreams.record_rtt(endpoint, seconds)
+        self._metrics.upstream_duration.labels(endpoint.region).observe(seconds)
+
+    async def _send(
         self,
         ex: Exchange,
         route: Route,
         url: URL,
+        headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         state: _BodyState,
-        timer: asyncio.Timeout,
-        attempt: _Attempt,
+        deadline: float,
+    ) -> aiohttp.ClientResponse:
+        """One attempt up to the response headers.
+
+        Raises:
+            UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout: mapped errors.
+            PayloadTooLarge: the streamed body passed the limit while being sent.
+        """
+        loop = asyncio.get_running_loop()
+        phase = "total" if deadline <= loop.time() + route.first_byte_timeout else "first_byte"
+        try:
+            async with asyncio.timeout_at(min(loop.time() + route.first_byte_timeout, deadline)):
+                with map_upstream_errors(phase):
+                    return await self._session.request(
+                        ex.request.method,
+                        url,
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                        timeout=self._socket_timeouts[route.index],
+                    )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {phase} timeout", phase=phase) from exc
+        except GatewayError:
+            if state.too_large:
+                raise PayloadTooLarge(
+                    f"request body exceeds {route.max_body_bytes} bytes"
+                ) from None
+            raise
+
+    async def _read_small(
+        self, ex: Exchange, route: Route, upstream: aiohttp.ClientResponse, deadline: float
+    ) -> bytes | None:
+        """Read a body of at most BUFFER_LIMIT bytes with a Content-Length whole, before any
+        byte goes to the client, so that a reset while reading can still be retried.
+
+        Returns:
+            The body, or None when it is to be streamed (unknown or large length, HEAD,
+            204/304).
+
+        Raises:
+            UpstreamProtocolError: the upstream broke the body (502; retryable if idempotent).
+            UpstreamTimeout: ``idle`` ran out (504).
+        """
+        length = upstream.content_length
+        if (
+            length is None
+            or length > BUFFER_LIMIT
+            or ex.request.method == "HEAD"
+            or upstream.status in _NO_BODY_STATUSES
+        ):
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(loop.time() + route.idle_timeout, deadline)):
+                with map_upstream_errors("idle"):
+                    return await upstream.read()
+        except TimeoutError as exc:
+            upstream.close()
+            phase = "total" if loop.time() >= deadline else "idle"
+            raise UpstreamTimeout(f"upstream {phase} timeout", phase=phase) from exc
+        except BaseException:
+            upstream.close()
+            raise
+
+    async def _stream_back(
+        self,
+        ex: Exchange,
+        route: Route,
+        upstream: aiohttp.ClientResponse,
+        data: bytes | None,
+        lease: Lease,
         deadline: float,
     ) -> web.StreamResponse:
+        """Relay the upstream's answer to the client; release the lease with its outcome.
+
+        A failure after the headers went out cannot change the status any more: an SSE
+        stream gets an explicit error event in its own dialect (OpenAI ``data: {"error":...}``
+        or LangServe ``event: error``), then the connection is cut, so no client mistakes a
+        broken answer for a complete one.
+        """
         request = ex.request
-        loop_time = asyncio.get_running_loop().time
-        with map_upstream_errors(attempt):
-            try:
-                upstream = await self._session.request(
-                    request.method,
-                    url,
-                    headers=self._upstream_headers(ex),
-                    data=body,
-                    allow_redirects=False,
-                    timeout=self._socket_timeouts[route.index],
-                )
-            except Exception:
-                if state.too_large:
-                    raise PayloadTooLarge(
-                        f"request body exceeds {route.max_body_bytes} bytes"
-                    ) from None
-                raise
+        loop = asyncio.get_running_loop()
+        ex.upstream_status = status = upstream.status
+        success: bool | None = status < 500
+        result = f"status_{status // 100}xx"
+        prepared: web.StreamResponse | None = None
+        idle = route.idle_timeout
         try:
-            ex.upstream_status = upstream.status
-            attempt.phase = "idle"
-            idle = route.idle_timeout
-            timer.reschedule(min(loop_time() + idle, deadline))
-            headers = self._response_headers(ex, upstream)
-            length = upstream.content_length
-            if (
-                length is not None
-                and length <= BUFFER_LIMIT
-                and request.method != "HEAD"
-                and upstream.status not in _NO_BODY_STATUSES
-            ):
-                with map_upstream_errors(attempt):
-                    data = await upstream.read()
-                del headers["Content-Length"]
-                ex.status = upstream.status
-                return web.Response(
-                    status=upstream.status, reason=upstream.reason, body=data, headers=headers
+            async with asyncio.timeout_at(min(loop.time() + idle, deadline)) as timer:
+                headers = self._response_headers(ex, upstream)
+                if data is not None:
+                    del headers["Content-Length"]
+                    ex.status = status
+                    return web.Response(
+                        status=status, reason=upstream.reason, body=data, headers=headers
+                    )
+                prepared = web.StreamResponse(
+                    status=status, reason=upstream.reason, headers=headers
                 )
-            prepared = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
-            )
-            ex.status = upstream.status
-            await prepared.prepare(request)
-            attempt.prepared = prepared
-            reader = upstream.content
-            with map_upstream_errors(attempt):
-                while chunk := await reader.readany():
-                    await prepared.write(chunk)
-                    timer.reschedule(min(loop_time() + idle, deadline))
-            await prepared.write_eof()
-            return prepared
+                ex.status = status
+                await prepared.prepare(request)
+                reader = upstream.content
+                with map_upstream_errors("idle"):
+                    while chunk := await reader.readany():
+                        await prepared.write(chunk)
+                        timer.reschedule(min(loop.time() + idle, deadline))
+                await prepared.write_eof()
+                return prepared
+        except TimeoutError as exc:
+            phase = "total" if loop.time() >= deadline else "idle"
+            err: GatewayError = UpstreamTimeout(f"upstream {phase} timeout", phase=phase)
+            err.__cause__ = exc
+            success, result = False, "timeout"
+        except (UpstreamTimeout, UpstreamProtocolError) as exc:
+            err = exc
+            success, result = False, _result_of(exc)
         except BaseException:
-            upstream.close()  # not returned to the pool half-read
+            success, result = None, "cancelled"  # the client left: not the upstream's fault
+            upstream.close()
             raise
         finally:
             upstream.release()
+            self._finish(lease, success=success, result=result)
+        if prepared is None:
+            raise err
+        await self._abort_stream(ex, prepared, upstream, err)
+        return prepared
+
+    async def _abort_stream(
+        self,
+        ex: Exchange,
+        prepared: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        err: GatewayError,
+    ) -> None:
+        """End a response whose headers went out: an SSE error event, then cut."""
+        request = ex.request
+        region = ex.endpoint.region if ex.endpoint else ""
+        self._metrics.stream_aborts.labels(region, err.slug).inc()
+        log.warning("upstream failed mid-body: %s (request %s)", err, ex.request_id)
+        if upstream.content_type == "text/event-stream":
+            event = sse_error_event(request.path, err, ex.request_id)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                async with asyncio.timeout(1.0):
+                    await prepared.write(event)
+        if request.transport is not None:
+            request.transport.close()

@@ -78,6 +78,10 @@ class ResidencyRules:
             return self._default
         return self._decisions.get(country, self._default)
 
+    def has_regions(self, zone: str) -> bool:
+        """True when at least one region serves ``zone``."""
+        return bool(self._regions.get(zone))
+
     def regions_for(self, zone: str) -> tuple[str, ...]:
         """Regions that may serve ``zone``: the gateway's own region first, then config order.
 

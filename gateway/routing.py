@@ -27,6 +27,10 @@ class Route:
         methods: upper-case methods allowed.
         connect_timeout, first_byte_timeout, idle_timeout, total_timeout: seconds.
         max_body_bytes: request body limit, bytes.
+        retry_attempts: total attempts, the first included.
+        retry_statuses: upstream statuses that may be retried on another endpoint.
+        retry_non_idempotent: retry non-idempotent methods too.
+        backoff_base, backoff_cap: full-jitter backoff bounds, seconds.
     """
 
     index: int
@@ -38,6 +42,11 @@ class Route:
     idle_timeout: float
     total_timeout: float
     max_body_bytes: int
+    retry_attempts: int = 1
+    retry_statuses: frozenset[int] = frozenset()
+    retry_non_idempotent: bool = False
+    backoff_base: float = 0.025
+    backoff_cap: float = 0.25
 
 
 class RouteTable:
@@ -64,6 +73,11 @@ class RouteTable:
                 max_body_bytes=(
                     r.max_body_bytes if r.max_body_bytes is not None else limits.max_body_bytes
                 ),
+                retry_attempts=r.retry.attempts,
+                retry_statuses=frozenset(r.retry.on_statuses),
+                retry_non_idempotent=r.retry.non_idempotent,
+                backoff_base=r.retry.backoff_base,
+                backoff_cap=r.retry.backoff_cap,
             )
             for i, r in enumerate(routes)
         ]

@@ -8,7 +8,9 @@ problem details with the request id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import re
 import uuid
 from typing import TYPE_CHECKING
@@ -18,6 +20,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.admin import build_admin_app
+from gateway.breaker import BreakerState
+from gateway.budget import RetryBudget
+from gateway.clock import LoopClock
 from gateway.dns import TTLResolver
 from gateway.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -29,7 +35,9 @@ from gateway.errors import (
 from gateway.exchange import Exchange
 from gateway.forwarded import TrustedProxies
 from gateway.geo import GeoDatabase
+from gateway.health import HealthChecker, ProbeSettings
 from gateway.locate import LocateStage
+from gateway.metrics import Metrics, UpstreamStateCollector
 from gateway.pipeline import Pipeline
 from gateway.proxy import HttpForwarder
 from gateway.residency import ResidencyRules
@@ -129,7 +137,23 @@ class GatewayServer:
         self.config = config
         self.geodb: GeoDatabase | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.upstreams = Upstreams(config.regions)
+        self.clock = LoopClock()
+        self.metrics = Metrics()
+        self.upstreams = Upstreams(
+            config.regions,
+            config.upstream,
+            own_region=config.gateway.region,
+            clock=self.clock,
+            on_breaker_change=self._on_breaker_change,
+        )
+        budget_cfg = config.upstream.retry_budget
+        self.budget = RetryBudget(ratio=budget_cfg.ratio, min_concurrent=budget_cfg.min_concurrent)
+        self.metrics.registry.register(UpstreamStateCollector(self.upstreams, self.budget))
+        self.health: HealthChecker | None = None
+        self._health_session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_bound: list[tuple[str, int]] = []
         self.routes = RouteTable(config.routes, config.gateway.limits)
         self.rules = ResidencyRules(
             zone_countries={z: zc.countries for z, zc in config.residency.zones.items()},
@@ -174,7 +198,18 @@ class GatewayServer:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        forwarder = HttpForwarder(self.session, self.upstreams, self.routes, cfg.gateway.via)
+        hc = up.health
+        forwarder = HttpForwarder(
+            self.session,
+            self.upstreams,
+            self.routes,
+            cfg.gateway.via,
+            budget=self.budget,
+            metrics=self.metrics,
+            retry_after=max(1, math.ceil(hc.interval * hc.healthy_threshold)),
+        )
+        if hc.enabled:
+            await self._start_health_checks()
         locate = LocateStage(
             self.geodb, self.rules, self.trusted, header=cfg.gateway.client_address_header
         )
@@ -198,6 +233,78 @@ class GatewayServer:
         sockets = getattr(server_obj, "sockets", None) or ()
         self.bound = [sock.getsockname()[:2] for sock in sockets]
         log.info("gateway %s listening on %s", cfg.gateway.region, self.bound)
+        if cfg.admin.listen is not None:
+            self._admin_runner = web.AppRunner(
+                build_admin_app(self, cfg.admin.token), access_log=None, handle_signals=False
+            )
+            await self._admin_runner.setup()
+            admin_site = web.TCPSite(
+                self._admin_runner, cfg.admin.listen.host, cfg.admin.listen.port
+            )
+            await admin_site.start()
+            sockets = getattr(admin_site._server, "sockets", None) or ()
+            self.admin_bound = [sock.getsockname()[:2] for sock in sockets]
+            log.info("admin listening on %s", self.admin_bound)
+
+    async def _start_health_checks(self) -> None:
+        hc = self.config.upstream.health
+        endpoints = list(self.upstreams.endpoints)
+        # A session of its own: probes never wait for, or hold, the proxy's pooled connections.
+        self._health_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(4, len(endpoints)), resolver=self._resolver),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self.health = HealthChecker(
+            self._health_session,
+            endpoints,
+            ProbeSettings(
+                path=hc.path,
+                interval=hc.interval,
+                timeout=hc.timeout,
+                healthy_threshold=hc.healthy_threshold,
+                unhealthy_threshold=hc.unhealthy_threshold,
+                expected_statuses=frozenset(hc.expected_statuses),
+                jitter=hc.jitter,
+            ),
+            on_change=self._on_health_change,
+            on_rtt=self._on_probe_rtt,
+        )
+        self._health_task = asyncio.create_task(self.health.run(), name="health-checks")
+
+    def _on_health_change(self, origin: str, healthy: bool) -> None:
+        self.upstreams.set_health(origin, healthy)
+        endpoint = self.upstreams.endpoints[origin]
+        self.metrics.health_transitions.labels(
+            endpoint.region, origin, "true" if healthy else "false"
+        ).inc()
+        log.warning(
+            "endpoint %s (%s) is now %s", origin, endpoint.region,
+            "healthy" if healthy else "UNHEALTHY",
+        )  # fmt: skip
+
+    def _on_breaker_change(
+        self, region: str, origin: str, old: BreakerState, new: BreakerState
+    ) -> None:
+        self.metrics.breaker_transitions.labels(region, origin, new.name.lower()).inc()
+        log.warning("breaker of %s (%s): %s -> %s", origin, region, old.name, new.name)
+
+    def _on_probe_rtt(self, origin: str, seconds: float) -> None:
+        self.upstreams.record_rtt(self.upstreams.endpoints[origin], seconds)
+
+    def status(self) -> dict[str, object]:
+        """Everything the admin ``/status`` route shows (JSON-ready)."""
+        return {
+            "region": self.config.gateway.region,
+            "zones": {
+                zone: list(self.rules.regions_for(zone)) if self.rules.has_regions(zone) else []
+                for zone in sorted(self.rules.zones)
+            },
+            "regions": self.upstreams.snapshot(),
+            "health": self.health.snapshot() if self.health else None,
+            "retry_budget": self.budget.snapshot(),
+            "in_flight": self._in_flight,
+        }
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop_time = asyncio.get_running_loop().time()
@@ -247,6 +354,17 @@ class GatewayServer:
                     log.warning("drain timeout: %d requests still in flight", self._in_flight)
             await self._runner.cleanup()
             self._runner = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self._health_session is not None:
+            await self._health_session.close()
+            self._health_session = None
         if self.session is not None:
             await self.session.close()
             self.session = None

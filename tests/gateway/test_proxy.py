@@ -132,6 +132,8 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
                 "eu-west-1": {"zones": ["eu", "global"], "endpoints": endpoints["eu-west-1"]},
             },
             "routes": [route],
+            # probes would add their own requests to what the scripted upstreams record
+            "upstream": {"health": {"enabled": False}},
         }  # fmt: skip
         path = tmp_path / f"gateway-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -426,12 +428,23 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_connect_failure_is_502(
+async def test_connect_failure_is_retried_in_another_region_of_the_zone(
     make_gateway: GatewayFactory, upstreams: dict[str, Upstream], client: aiohttp.ClientSession
 ) -> None:
     dead = f"http://127.0.0.1:{closed_port()}"
     base = await make_gateway({"us-east-1": [dead], "eu-west-1": [upstreams["eu-west-1"].url]})
-    async with client.get(f"{base}/echo") as resp:
+    # zone global: us-east-1 (own region) first, then eu-west-1, which also serves global
+    async with client.post(f"{base}/echo", data=b"not idempotent, never sent") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Served-Region"] == "eu-west-1"
+
+
+async def test_connect_failure_with_no_other_endpoint_in_the_zone_is_502(
+    make_gateway: GatewayFactory, upstreams: dict[str, Upstream], client: aiohttp.ClientSession
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    base = await make_gateway({"us-east-1": [dead], "eu-west-1": [upstreams["eu-west-1"].url]})
+    async with client.get(f"{base}/echo", headers={"X-Forwarded-For": US}) as resp:
         assert resp.status == 502
         problem = orjson.loads(await resp.read())
     assert problem["type"].endswith("/upstream-connect-error")
@@ -468,7 +481,7 @@ async def test_connect_timeout_is_504(
             timeouts={"connect": "100ms"},
         )
         try:
-            async with client.get(f"{base}/echo") as resp:
+            async with client.get(f"{base}/echo", headers={"X-Forwarded-For": US}) as resp:
                 assert resp.status == 504
                 problem = orjson.loads(await resp.read())
         finally:
@@ -536,5 +549,5 @@ async def test_upstream_connections_are_pooled(
         async with client.get(f"{gw}/echo") as resp:
             assert resp.status == 200
             await resp.read()
-    peers = {seen["peer"] for seen in upstreams["us-east-1"].received}
+    peers = {seen["peer"] for seen in upstreams["us-east-1"].received if seen["path"] == "/echo"}
     assert len(peers) == 1  # ten requests, one keep-alive connection to the upstream

@@ -58,6 +58,7 @@ def _reader_for(proc: subprocess.Popen[bytes]) -> queue.Queue[bytes]:
             for line in iter(stdout.readline, b""):
                 lines.put(line)
             lines.put(b"")
+            stdout.close()  # the only reader closes it, at EOF
 
         threading.Thread(target=pump, daemon=True).start()
     return lines
@@ -89,7 +90,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.stdout is not None:
+    if proc.stdout is not None and proc.pid not in _readers:
         proc.stdout.close()
     return proc.returncode
 
@@ -102,8 +103,35 @@ class Cluster:
     endpoints: dict[str, list[str]] = field(default_factory=dict)
     backends: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     gateways: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    backend_args: dict[str, list[str]] = field(default_factory=dict)
+    admin_urls: dict[str, str] = field(default_factory=dict)  # gateway URL -> admin URL
 
-    def gateway_config(self, *, geodb: Path, trusted: list[str], name: str) -> Path:
+    def start_backend(self, url: str) -> None:
+        """(Re)start the backend process of ``url`` and wait until it listens."""
+        old = self.backends.get(url)
+        if old is not None:
+            stop(old)
+        proc = subprocess.Popen(self.backend_args[url], cwd=ROOT, stdout=subprocess.PIPE)
+        self.backends[url] = proc
+        wait_for_line(proc, b"listening on")
+
+    def kill_backend(self, url: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the backend of ``url`` (SIGKILL: wait until it is gone)."""
+        proc = self.backends[url]
+        proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(timeout=15)
+
+    def gateway_config(
+        self,
+        *,
+        geodb: Path,
+        trusted: list[str],
+        name: str,
+        upstream: dict[str, Any] | None = None,
+        route: dict[str, Any] | None = None,
+        admin_token: str | None = None,
+    ) -> Path:
         raw: dict[str, Any] = {
             "gateway": {"region": "us-east-1", "listen": "127.0.0.1:0",
                         "trusted_proxies": trusted, "geodb": str(geodb),
@@ -111,13 +139,17 @@ class Cluster:
             "residency": {"policy": str(ROOT / "config" / "residency.yaml")},
             "regions": {r: {"zones": TOPOLOGY[r][0], "endpoints": eps}
                         for r, eps in self.endpoints.items()},
-            "routes": [{"prefix": "/", "timeouts": {"first_byte": "30s", "idle": "30s"}}],
+            "routes": [route or {"prefix": "/", "timeouts": {"first_byte": "30s", "idle": "30s"}}],
+            "upstream": upstream or {},
         }  # fmt: skip
+        if admin_token is not None:
+            raw["admin"] = {"listen": "127.0.0.1:0", "token": admin_token}
         path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path
 
     def start_gateway(self, config: Path) -> str:
+        """Start a gateway process; returns its base URL (the admin URL: ``admin_url``)."""
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--log-level", "WARNING", "gateway", "-c",
              str(config)],
@@ -125,6 +157,10 @@ class Cluster:
         )  # fmt: skip
         self.gateways.append(proc)
         line = wait_for_line(proc, b"listening on")
+        if line.startswith(b"admin"):
+            admin = "http://" + line.decode().strip().rsplit(" ", 1)[-1]
+            line = wait_for_line(proc, b"listening on")
+            self.admin_urls["http://" + line.decode().strip().rsplit(" ", 1)[-1]] = admin
         return "http://" + line.decode().strip().rsplit(" ", 1)[-1]
 
 
@@ -136,14 +172,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             for _ in range(count):
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "backend", "--region", region, "--zones",
-                     ",".join(zones), "--host", "127.0.0.1", "--port", str(port),
-                     "--ttft-ms", "20", "--tokens-per-second", "100"],
-                    cwd=ROOT, stdout=subprocess.PIPE, stderr=None,
-                )  # fmt: skip
+                c.backend_args[url] = [
+                    sys.executable, "-m", "backend", "--region", region, "--zones",
+                    ",".join(zones), "--host", "127.0.0.1", "--port", str(port),
+                    "--ttft-ms", "20", "--tokens-per-second", "100", "--health-ttl", "0",
+                ]  # fmt: skip
                 c.endpoints.setdefault(region, []).append(url)
-                c.backends[url] = proc
+                c.backends[url] = subprocess.Popen(
+                    c.backend_args[url], cwd=ROOT, stdout=subprocess.PIPE
+                )
         for proc in c.backends.values():
             wait_for_line(proc, b"listening on")
         yield c
