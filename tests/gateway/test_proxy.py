@@ -75,6 +75,9 @@ class Upstream:
                 await resp.write(b"x" * 65536)
             await resp.write_eof()
             return resp
+        if request.path == "/flaky" and self.region == "us-east-1":
+            extra = {"Retry-After": request.query["ra"]} if "ra" in request.query else {}
+            return web.Response(status=503, text="flaky", headers={**region, **extra})
         if request.path == "/status/503":
             return web.Response(status=503, text="busy", headers={**region, "Retry-After": "3"})
         if request.path == "/head-length":
@@ -551,3 +554,47 @@ async def test_upstream_connections_are_pooled(
             await resp.read()
     peers = {seen["peer"] for seen in upstreams["us-east-1"].received if seen["path"] == "/echo"}
     assert len(peers) == 1  # ten requests, one keep-alive connection to the upstream
+
+
+# --- retries (zone global: us-east-1, the own region, first; then eu-west-1) ----------------
+
+
+async def test_idempotent_request_is_retried_on_another_endpoint_of_the_zone(
+    gw: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream]
+) -> None:
+    async with client.get(f"{gw}/flaky") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Served-Region"] == "eu-west-1"
+    assert [r["path"] for r in upstreams["us-east-1"].received] == ["/flaky"]
+
+
+async def test_post_is_not_retried_without_idempotency_key(
+    gw: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream]
+) -> None:
+    async with client.post(f"{gw}/flaky", data=b"{}") as resp:
+        assert resp.status == 503
+        assert await resp.text() == "flaky"
+    assert upstreams["eu-west-1"].received == []
+    async with client.post(f"{gw}/flaky", data=b"{}", headers={"Idempotency-Key": "k1"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Served-Region"] == "eu-west-1"
+
+
+async def test_retry_is_never_sent_outside_the_zone(
+    gw: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream]
+) -> None:
+    # zone us has only us-east-1: the 503 stands, eu-west-1 is never asked
+    async with client.get(f"{gw}/flaky", headers={"X-Forwarded-For": US}) as resp:
+        assert resp.status == 503
+    assert upstreams["eu-west-1"].received == []
+
+
+async def test_upstream_retry_after_holds_the_endpoint(
+    gw: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream]
+) -> None:
+    async with client.get(f"{gw}/flaky?ra=30") as resp:
+        assert resp.status == 200
+    for _ in range(5):
+        async with client.get(f"{gw}/echo") as resp:
+            assert resp.headers["X-Served-Region"] == "eu-west-1"  # us-east-1 is held 30 s
+    assert len(upstreams["us-east-1"].received) == 1
