@@ -34,6 +34,7 @@ class Upstream:
         self.region = region
         self.received: list[dict[str, Any]] = []
         self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
         self.url = ""
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -57,7 +58,11 @@ class Upstream:
             resp = web.StreamResponse(headers={**region, "Content-Type": "text/event-stream"})
             await resp.prepare(request)
             await resp.write(b"data: first\n\n")
-            await self.release.wait()  # the test sets it once the client saw "first"
+            try:
+                await self.release.wait()  # the test sets it once the client saw "first"
+            except asyncio.CancelledError:
+                self.cancelled.set()  # the gateway dropped our connection
+                raise
             await resp.write(b"data: second\n\n")
             await resp.write_eof()
             return resp
@@ -101,6 +106,7 @@ async def upstreams(aiohttp_raw_server: Any) -> dict[str, Upstream]:
 
 
 GatewayFactory = Callable[..., Awaitable[str]]
+SERVERS: dict[str, GatewayServer] = {}  # base URL -> server, for tests that look inside
 
 
 @pytest.fixture
@@ -144,6 +150,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         await server.start()
         started.append(server)
         host, port = server.bound[0]
+        SERVERS[f"http://{host}:{port}"] = server
         return f"http://{host}:{port}"
 
     yield make
@@ -598,3 +605,21 @@ async def test_upstream_retry_after_holds_the_endpoint(
         async with client.get(f"{gw}/echo") as resp:
             assert resp.headers["X-Served-Region"] == "eu-west-1"  # us-east-1 is held 30 s
     assert len(upstreams["us-east-1"].received) == 1
+
+
+async def test_client_disconnect_cancels_the_upstream_request(
+    gw: str, upstreams: dict[str, Upstream]
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        resp = await session.get(f"{gw}/sse")
+        assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
+        resp.close()  # the client leaves mid-stream
+    await asyncio.wait_for(upstreams["us-east-1"].cancelled.wait(), timeout=5)
+    server = SERVERS[gw]
+    endpoint = server.upstreams.endpoints[upstreams["us-east-1"].url]
+    for _ in range(100):  # the handler's finally runs right after the cancellation
+        if endpoint.in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert endpoint.in_flight == 0
+    assert endpoint.breaker.snapshot()["failures"] == 0  # leaving is not the upstream's fault
