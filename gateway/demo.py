@@ -116,7 +116,7 @@ async def stop_backends(backends: list[BackendProcess]) -> None:
                 await backend.pump
 
 
-def _curl_lines(base: str) -> str:
+def _curl_lines(base: str, admin: str | None) -> str:
     json_h = "-H 'Content-Type: application/json'"
     rag = """-d '{"input": {"question": "Where is my data stored?"}}'"""
     chat = (
@@ -136,6 +136,15 @@ def _curl_lines(base: str) -> str:
             f"  curl -sN {base}/v1/chat/completions {json_h} {chat}",
             "  # the OpenAI client: OpenAI(base_url='" + base + "/v1', api_key='unused')",
         ]
+        + (
+            [
+                "  # the gateway's view of every region and endpoint; drain one",
+                f"  curl -s {admin}/status",
+                f"  curl -s -X POST {admin}/regions/eu-west-1/drain",
+            ]
+            if admin
+            else []
+        )
     )
 
 
@@ -165,7 +174,11 @@ async def _demo(config: GatewayConfig, ttft_ms: float, tokens_per_second: float)
     base = f"http://{host}:{port}"
     print(f"\nGeoGate demo ready: gateway {base} (region {config.gateway.region}), "
           f"{len(backends)} backends in {len(config.regions)} regions.")  # fmt: skip
-    print(_curl_lines(base))
+    admin = None
+    if server.admin_bound:
+        admin_host, admin_port = server.admin_bound[0]
+        admin = f"http://{admin_host}:{admin_port}"
+    print(_curl_lines(base, admin))
     print("Press Ctrl-C to stop.", flush=True)
     await stop.wait()
     print("stopping: draining the gateway, then the backends", file=sys.stderr)

@@ -31,6 +31,7 @@ def post_json(url: str, body: dict[str, object], headers: dict[str, str]) -> tup
 def test_demo_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / "config" / "gateway.yaml").read_text())
     raw["gateway"]["listen"] = f"127.0.0.1:{free_port()}"
+    raw["admin"]["listen"] = f"127.0.0.1:{free_port()}"
     raw["gateway"]["geodb"] = str(ROOT / "geodb" / "dbip-country.mmdb")
     raw["residency"]["policy"] = str(ROOT / "config" / "residency.yaml")
     for region in raw["regions"].values():
