@@ -21,9 +21,13 @@ from gateway.outlier import OutlierState
 
 if TYPE_CHECKING:
     from gateway.budget import RetryBudget
+    from gateway.exchange import Exchange
     from gateway.upstreams import Upstreams
 
 __all__ = ["Metrics", "UpstreamStateCollector"]
+
+
+_STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 class UpstreamStateCollector(Collector):
@@ -104,6 +108,7 @@ class Metrics:
             "geogate_requests", "requests answered, by route, zone and status class",
             ["route", "zone", "status_class"], registry=r,
         )  # fmt: skip
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
         self.upstream_attempts = Counter(
             "geogate_upstream_attempts", "attempts sent upstream, by region and result",
             ["region", "result"], registry=r,
@@ -147,3 +152,13 @@ class Metrics:
             ["region"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )  # fmt: skip
+
+    def count_request(self, ex: Exchange) -> None:
+        """Count one answered request (``geogate_requests_total``); cheap: children cached."""
+        key = (ex.route.prefix if ex.route else "none", ex.zone or "none", (ex.status or 0) // 100)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(
+                key[0], key[1], _STATUS_CLASSES.get(key[2], "other")
+            )
+        child.inc()

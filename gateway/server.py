@@ -332,6 +332,7 @@ class GatewayServer:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+            self.metrics.count_request(ex)
 
     @staticmethod
     def _same_host(request: web.BaseRequest) -> bool:

@@ -623,3 +623,22 @@ async def test_client_disconnect_cancels_the_upstream_request(
         await asyncio.sleep(0.01)
     assert endpoint.in_flight == 0
     assert endpoint.breaker.snapshot()["failures"] == 0  # leaving is not the upstream's fault
+
+
+async def test_requests_are_counted_by_route_zone_and_status_class(
+    gw: str, client: aiohttp.ClientSession
+) -> None:
+    for ip in (GB, GB, US, CN):
+        async with client.get(f"{gw}/echo", headers={"X-Forwarded-For": ip}) as resp:
+            await resp.read()
+    registry = SERVERS[gw].metrics.registry
+    sample = registry.get_sample_value
+    assert (
+        sample("geogate_requests_total", {"route": "/", "zone": "eu", "status_class": "2xx"}) == 2
+    )
+    assert (
+        sample("geogate_requests_total", {"route": "/", "zone": "us", "status_class": "2xx"}) == 1
+    )
+    assert (
+        sample("geogate_requests_total", {"route": "/", "zone": "cn", "status_class": "4xx"}) == 1
+    )
