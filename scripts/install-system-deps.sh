@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Installs the system programs the tests and benchmarks need (wrk), from Debian's packages,
-# when they are missing. Idempotent; does nothing when everything is present.
+# Installs the system programs the tests and benchmarks need (wrk, redis-server), from Debian's
+# packages, when they are missing. Idempotent; does nothing when everything is present.
+# The tests start their own redis-server processes on free loopback ports; the package's own
+# service, if the machine starts one, is not used.
 set -euo pipefail
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
