@@ -108,6 +108,17 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hash_key(args: argparse.Namespace) -> int:
+    from gateway.tenants import hash_key, new_key
+
+    key = args.key
+    if key is None:
+        key = new_key()
+        print(f"key:  {key}")
+    print(f"hash: {hash_key(key)}" if args.key is None else hash_key(key))
+    return 0
+
+
 def _cmd_backend(argv: Sequence[str]) -> int:
     from backend.server import main as backend_main
 
@@ -143,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check_config)
 
     sub.add_parser("backend", help="run one regional LangChain backend (see backend --help)")
+
+    hk = sub.add_parser("hash-key", help="print the stored form of an API key (or a new key)")
+    hk.add_argument("key", nargs="?", help="the key; omitted: make a new random one")
+    hk.set_defaults(func=_cmd_hash_key)
 
     demo = sub.add_parser("demo", help="backends for every region + the gateway, on loopback")
     demo.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)

@@ -48,11 +48,14 @@ __all__ = [
     "LimitsConfig",
     "Listen",
     "OutlierConfig",
+    "RateLimitPolicy",
+    "RedisConfig",
     "RegionConfig",
     "ResidencyConfig",
     "RetryBudgetConfig",
     "RetryConfig",
     "RouteConfig",
+    "TenantConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
     "ZoneConfig",
@@ -305,6 +308,10 @@ class RouteConfig(_Model):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     max_body_bytes: Size | None = None  # overrides gateway.limits.max_body_bytes
     retry: RetryConfig = RetryConfig()
+    # "required": 401 without a known API key; "optional": a key, if sent, must be known;
+    # "none": keys are not looked at.
+    auth: Literal["required", "optional", "none"] = "none"
+    rate_limit: str | None = None  # policy for tenants without one of their own for the route
 
 
 class HealthConfig(_Model):
@@ -369,6 +376,61 @@ class UpstreamConfig(_Model):
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
 
 
+_KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _check_key_hash(value: str) -> str:
+    if not _KEY_HASH_RE.match(value):
+        raise ValueError(
+            "API keys are stored as 'sha256:<64 hex digits>' (print one with "
+            "`geogate hash-key`), never in clear"
+        )
+    return value
+
+
+KeyHash = Annotated[str, AfterValidator(_check_key_hash)]
+
+
+class RateLimitPolicy(_Model):
+    """A named set of limits applied per tenant x route (each one optional).
+
+    Usage::
+
+        rate_limits:
+          default: {requests_per_second: 10, burst: 20, requests_per_minute: 600,
+                    concurrent: 8, tokens_per_minute: 20000, on_redis_trouble: fallback}
+    """
+
+    requests_per_second: float | None = Field(default=None, gt=0)  # GCRA rate
+    burst: int | None = Field(default=None, ge=1)  # GCRA burst; default = requests_per_second
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    concurrent: int | None = Field(default=None, ge=1)  # in-flight requests
+    tokens_per_minute: int | None = Field(default=None, ge=1)  # LLM prompt + completion tokens
+    default_max_tokens: int = Field(default=256, ge=1)  # reserved when a request names none
+    # When the control Redis is in trouble: "fallback" limits locally at local_share of each
+    # limit, "open" admits, "closed" refuses (503).
+    on_redis_trouble: Literal["fallback", "open", "closed"] = "fallback"
+    local_share: float = Field(default=0.5, gt=0, le=1)
+
+
+class TenantConfig(_Model):
+    """A tenant: who a request is from, where its data must stay, what it may use."""
+
+    id: Name
+    keys: tuple[KeyHash, ...] = Field(min_length=1)  # SHA-256 of each API key
+    residency: Name | None = None  # pin: beats the client's country (a zone name)
+    limits: Mapping[str, str] = {}  # route prefix -> policy name (beats the route's default)
+
+
+class RedisConfig(_Model):
+    """Redis servers: ``control`` holds counters with no user data (rate limits)."""
+
+    control: str | None = None  # redis://host:port/db; None: in-process stores
+    call_timeout: Duration = 20 * MS  # budget per Redis call before falling back
+    breaker_fail_max: int = Field(default=3, ge=1)
+    breaker_reset_timeout: Duration = 5 * SECONDS
+
+
 class GatewayConfig(_Model):
     """The whole, validated configuration of one gateway instance."""
 
@@ -378,6 +440,9 @@ class GatewayConfig(_Model):
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
     upstream: UpstreamConfig = UpstreamConfig()
     admin: AdminConfig = AdminConfig()
+    rate_limits: Mapping[Name, RateLimitPolicy] = {}
+    tenants: tuple[TenantConfig, ...] = ()
+    redis: RedisConfig = RedisConfig()
     source: Path | None = Field(default=None, exclude=True)  # the file it was loaded from
 
 
@@ -473,6 +538,35 @@ def _merge_residency(raw: dict[str, Any], base: Path, issues: list[ConfigIssue])
     return {**raw, "residency": {k: v for k, v in merged.items() if v is not None}}
 
 
+def _merge_tenants_file(
+    raw: dict[str, Any], base: Path, issues: list[ConfigIssue]
+) -> dict[str, Any]:
+    """Append the tenants of ``tenants_file`` (a YAML file with a ``tenants`` list)."""
+    if "tenants_file" not in raw:
+        return raw
+    raw = dict(raw)
+    value = raw.pop("tenants_file")
+    if not isinstance(value, str):
+        issues.append(ConfigIssue(str(base), "tenants_file", "must be a file path"))
+        return raw
+    tenants_path = base.parent / value
+    if not tenants_path.is_file():
+        issues.append(ConfigIssue(str(base), "tenants_file", f"{tenants_path}: no such file"))
+        return raw
+    data = _read_yaml(tenants_path, issues)
+    if data is None:
+        return raw
+    if not isinstance(data, dict) or set(data) != {"tenants"}:
+        issues.append(ConfigIssue(str(tenants_path), "", "a tenants file has one key: tenants"))
+        return raw
+    for i, tenant in enumerate(data["tenants"] or []):
+        try:
+            TenantConfig.model_validate(tenant)
+        except ValidationError as exc:
+            issues.extend(_issues_from(exc, str(tenants_path), (f"tenants[{i}]",)))
+    return {**raw, "tenants": [*(raw.get("tenants") or []), *(data["tenants"] or [])]}
+
+
 def _cross_checks(cfg: GatewayConfig, file: str) -> Iterator[ConfigIssue]:
     zones = cfg.residency.zones
     if cfg.residency.default_zone not in zones:
@@ -513,6 +607,38 @@ def _cross_checks(cfg: GatewayConfig, file: str) -> Iterator[ConfigIssue]:
                     yield ConfigIssue(
                         file, f"routes[{i}].methods[{j}]", f"{method!r} cannot be proxied"
                     )
+    policies = cfg.rate_limits
+    for i, route in enumerate(cfg.routes):
+        if route.rate_limit is not None and route.rate_limit not in policies:
+            yield ConfigIssue(
+                file, f"routes[{i}].rate_limit", f"policy {route.rate_limit!r} is not defined"
+            )
+    prefixes = {r.prefix for r in cfg.routes}
+    seen_ids: dict[str, int] = {}
+    seen_keys: dict[str, str] = {}
+    for i, tenant in enumerate(cfg.tenants):
+        if tenant.id in seen_ids:
+            yield ConfigIssue(
+                file, f"tenants[{i}].id", f"{tenant.id!r} is also tenants[{seen_ids[tenant.id]}]"
+            )
+        seen_ids.setdefault(tenant.id, i)
+        if tenant.residency is not None and tenant.residency not in zones:
+            yield ConfigIssue(
+                file, f"tenants[{i}].residency", f"zone {tenant.residency!r} is not defined"
+            )
+        for j, key_hash in enumerate(tenant.keys):
+            owner_id = seen_keys.setdefault(key_hash, tenant.id)
+            if owner_id != tenant.id:
+                yield ConfigIssue(
+                    file, f"tenants[{i}].keys[{j}]", f"the same key belongs to {owner_id!r}"
+                )
+        for prefix, policy in tenant.limits.items():
+            if prefix not in prefixes:
+                yield ConfigIssue(file, f"tenants[{i}].limits.{prefix}", "no route has this prefix")
+            if policy not in policies:
+                yield ConfigIssue(
+                    file, f"tenants[{i}].limits.{prefix}", f"policy {policy!r} is not defined"
+                )
     if not cfg.gateway.geodb.is_file():
         yield ConfigIssue(file, "gateway.geodb", f"{cfg.gateway.geodb}: no such file")
 
@@ -540,6 +666,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue(file, "", "the top level must be a mapping of sections")])
     raw = _merge_residency(raw, path, issues)
+    raw = _merge_tenants_file(raw, path, issues)
     if issues:
         raise ConfigError(issues)
     gw = raw.get("gateway")

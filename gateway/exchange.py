@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from aiohttp.web import BaseRequest
 
     from gateway.routing import Route
+    from gateway.tenants import Tenant
     from gateway.upstreams import Endpoint
 
 __all__ = ["Exchange"]
@@ -19,6 +20,7 @@ class Exchange:
     """One request's journey through the pipeline.
 
     Each stage fills the fields it owns, in pipeline order: ``route`` (route stage),
+    ``tenant`` (identify stage),
     ``client_ip``/``country``/``zone``/``zone_source``/``regions`` (locate stage),
     ``endpoint``/``upstream_status``/``attempts`` (forwarder). Times are loop seconds.
 
@@ -40,6 +42,7 @@ class Exchange:
         "route",
         "start",
         "status",
+        "tenant",
         "upstream_status",
         "zone",
         "zone_source",
@@ -50,6 +53,7 @@ class Exchange:
         self.request_id = request_id
         self.start = start
         self.route: Route | None = None
+        self.tenant: Tenant | None = None
         self.peer_trusted = False
         self.client_ip: IPv4Address | IPv6Address | None = None
         self.country: str | None = None

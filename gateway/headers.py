@@ -32,7 +32,7 @@ HOP_BY_HOP = (
     "Proxy-Authorization",
 )
 # Fields only the gateway may set towards the upstream; a client's copy is dropped.
-GATEWAY_SET_FIELDS = ("X-Residency-Zone", "X-Served-Region", "Expect", "Host")
+GATEWAY_SET_FIELDS = ("X-Residency-Zone", "X-Served-Region", "X-Tenant-Id", "Expect", "Host")
 
 
 def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list[str]:

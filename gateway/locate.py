@@ -48,7 +48,11 @@ class LocateStage:
         self._use_forwarded = header in ("forwarded", "both")
 
     async def on_request(self, ex: Exchange) -> LocalReply | None:
-        """Decide the zone; raises ResidencyUnavailable (451) when no region serves it."""
+        """Decide the zone (tenant pin > country > default) and its candidate regions.
+
+        Raises:
+            ResidencyUnavailable: no region serves the zone (451).
+        """
         request = ex.request
         headers = request.headers
         peer = request.remote
@@ -63,7 +67,10 @@ class LocateStage:
         ex.peer_trusted = peer is not None and self._trusted.trusts(peer)
         ex.client_ip = ip
         ex.country = country = self._geodb.lookup(ip) if ip is not None else None
-        decision = self._rules.decide(country=country)
+        tenant = ex.tenant
+        decision = self._rules.decide(
+            country=country, tenant_pin=tenant.residency if tenant is not None else None
+        )
         ex.zone = decision.zone
         ex.zone_source = decision.source
         ex.regions = self._rules.regions_for(decision.zone)

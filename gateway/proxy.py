@@ -40,6 +40,7 @@ from gateway.headers import (
     strip_hop_by_hop,
     via_value,
 )
+from gateway.tenants import KEY_HEADERS
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -194,7 +195,13 @@ class HttpForwarder:
 
     def _upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         request = ex.request
-        headers = strip_hop_by_hop(request.headers, GATEWAY_SET_FIELDS)
+        route = ex.route
+        extra: tuple[str, ...] = GATEWAY_SET_FIELDS
+        if route is not None and route.auth != "none":
+            extra = GATEWAY_SET_FIELDS + KEY_HEADERS  # the tenant's key stays at the gateway
+        headers = strip_hop_by_hop(request.headers, extra)
+        if ex.tenant is not None:
+            headers["X-Tenant-Id"] = ex.tenant.id
         peer = request.remote
         proto = request.scheme
         host = request.host

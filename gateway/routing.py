@@ -31,6 +31,8 @@ class Route:
         retry_statuses: upstream statuses that may be retried on another endpoint.
         retry_non_idempotent: retry non-idempotent methods too.
         backoff_base, backoff_cap: full-jitter backoff bounds, seconds.
+        auth: ``required``, ``optional`` or ``none`` (API keys).
+        rate_limit: default rate-limit policy name, or None.
     """
 
     index: int
@@ -47,6 +49,8 @@ class Route:
     retry_non_idempotent: bool = False
     backoff_base: float = 0.025
     backoff_cap: float = 0.25
+    auth: str = "none"
+    rate_limit: str | None = None
 
 
 class RouteTable:
@@ -78,6 +82,8 @@ class RouteTable:
                 retry_non_idempotent=r.retry.non_idempotent,
                 backoff_base=r.retry.backoff_base,
                 backoff_cap=r.retry.backoff_cap,
+                auth=r.auth,
+                rate_limit=r.rate_limit,
             )
             for i, r in enumerate(routes)
         ]

@@ -42,6 +42,7 @@ from gateway.pipeline import Pipeline
 from gateway.proxy import HttpForwarder
 from gateway.residency import ResidencyRules
 from gateway.routing import RouteTable
+from gateway.tenants import TenantStage
 from gateway.upstreams import Upstreams
 
 if TYPE_CHECKING:
@@ -213,7 +214,8 @@ class GatewayServer:
         locate = LocateStage(
             self.geodb, self.rules, self.trusted, header=cfg.gateway.client_address_header
         )
-        self._pipeline = Pipeline(self.routes, [locate], forwarder)
+        identify = TenantStage(cfg.tenants)
+        self._pipeline = Pipeline(self.routes, [identify, locate], forwarder)
         limits = cfg.gateway.limits
         server = _Server(
             self._handle,

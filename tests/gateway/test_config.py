@@ -37,6 +37,10 @@ BAD = [
     ("invalid_yaml.yaml", ": invalid YAML: line 3, column 1"),
     ("not_a_mapping.yaml", ": the top level must be a mapping of sections"),
     ("missing_policy.yaml", "residency.policy: "),
+    ("plain_api_key.yaml", "tenants[0].keys[0]: API keys are stored as 'sha256:<64 hex digits>'"),
+    ("tenant_unknown_zone.yaml", "tenants[0].residency: zone 'mars' is not defined"),
+    ("undefined_policy.yaml", "routes[0].rate_limit: policy 'gold' is not defined"),
+    ("zero_rate.yaml", "rate_limits.default.requests_per_second: Input should be greater than 0"),
 ]
 
 

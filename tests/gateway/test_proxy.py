@@ -121,8 +121,10 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         timeouts: dict[str, Any] | None = None,
         route_body_limit: str | None = None,
         header: str = "x-forwarded-for",
+        route_extra: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        route: dict[str, Any] = {"prefix": "/", "timeouts": timeouts or {}}
+        route: dict[str, Any] = {"prefix": "/", "timeouts": timeouts or {}, **(route_extra or {})}
         if route_body_limit:
             route["max_body_bytes"] = route_body_limit
         raw = {
@@ -143,6 +145,7 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
             "routes": [route],
             # probes would add their own requests to what the scripted upstreams record
             "upstream": {"health": {"enabled": False}},
+            **(extra or {}),
         }  # fmt: skip
         path = tmp_path / f"gateway-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -642,3 +645,61 @@ async def test_requests_are_counted_by_route_zone_and_status_class(
     assert (
         sample("geogate_requests_total", {"route": "/", "zone": "cn", "status_class": "4xx"}) == 1
     )
+
+
+# --- tenants ---------------------------------------------------------------------------------
+
+KEY_A, KEY_B = "gg_key-of-tenant-a", "gg_key-of-tenant-b"
+
+
+@pytest.fixture
+async def authed(make_gateway: GatewayFactory, upstreams: dict[str, Upstream]) -> str:
+    from gateway.tenants import hash_key
+
+    return await make_gateway(
+        {r: [u.url] for r, u in upstreams.items()},
+        route_extra={"auth": "required"},
+        extra={"tenants": [
+            {"id": "tenant-a", "keys": [hash_key(KEY_A)]},
+            {"id": "tenant-b", "keys": [hash_key(KEY_B)], "residency": "eu"},
+        ]},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [({}, "send an API key"), ({"Authorization": "Bearer nope"}, "unknown API key"),
+     ({"X-API-Key": "nope"}, "unknown API key"), ({"Authorization": "Basic Zm9vOmJhcg=="},
+     "send an API key")],
+)  # fmt: skip
+async def test_missing_or_unknown_key_is_401(
+    authed: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream],
+    headers: dict[str, str], detail: str,
+) -> None:  # fmt: skip
+    async with client.get(f"{authed}/echo", headers=headers) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert detail in orjson.loads(await resp.read())["detail"]
+    assert all(u.received == [] for u in upstreams.values())
+
+
+@pytest.mark.parametrize("header", ["Authorization", "X-API-Key"])
+async def test_known_key_is_accepted_and_never_forwarded(
+    authed: str, client: aiohttp.ClientSession, upstreams: dict[str, Upstream], header: str
+) -> None:
+    value = f"Bearer {KEY_A}" if header == "Authorization" else KEY_A
+    async with client.get(f"{authed}/echo", headers={header: value, "X-Forwarded-For": US}) as r:
+        assert r.status == 200
+    [seen] = upstreams["us-east-1"].received
+    assert "Authorization" not in seen["headers"]
+    assert "X-API-Key" not in seen["headers"]
+    assert seen["headers"]["X-Tenant-Id"] == "tenant-a"
+
+
+async def test_tenant_pin_beats_the_clients_country(
+    authed: str, client: aiohttp.ClientSession
+) -> None:
+    headers = {"Authorization": f"Bearer {KEY_B}", "X-Forwarded-For": US}
+    async with client.get(f"{authed}/echo", headers=headers) as resp:
+        assert resp.headers["X-Residency-Zone"] == "eu"  # pinned, although the client is in US
+        assert resp.headers["X-Served-Region"] == "eu-west-1"
