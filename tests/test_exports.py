@@ -30,7 +30,7 @@ def test_module_exports(name: str) -> None:
 
 
 PURE = ["gateway.residency", "gateway.balancer", "gateway.forwarded", "gateway.routing",
-        "gateway.outlier", "gateway.budget", "gateway.breaker", "gateway.upstreams",
+        "gateway.outlier", "gateway.budget", "gateway.breaker", "gateway.upstreams", "gateway.gcra",
         "gateway.headers"]  # fmt: skip
 
 
