@@ -32,18 +32,25 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "body_override",
         "client_ip",
         "country",
         "endpoint",
         "peer_trusted",
+        "ratelimit_result",
         "regions",
         "request",
         "request_id",
+        "response_headers",
         "route",
+        "slot_lease",
         "start",
         "status",
+        "strip_usage_chunk",
         "tenant",
+        "token_reservation",
         "upstream_status",
+        "usage_tokens",
         "zone",
         "zone_source",
     )
@@ -64,6 +71,13 @@ class Exchange:
         self.upstream_status: int | None = None
         self.status: int | None = None
         self.attempts = 0
+        self.response_headers: dict[str, str] = {}  # stages' additions to the answer
+        self.ratelimit_result: str | None = None
+        self.slot_lease: tuple[str, str] | None = None  # (key, lease) of a concurrency slot
+        self.token_reservation = 0  # LLM tokens reserved at admission
+        self.usage_tokens: int | None = None  # total tokens the upstream reported using
+        self.body_override: bytes | None = None  # a stage rewrote the request body
+        self.strip_usage_chunk = False  # the gateway asked for a usage chunk the client did not
 
     def __repr__(self) -> str:
         route = self.route.prefix if self.route else None

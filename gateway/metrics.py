@@ -130,6 +130,17 @@ class Metrics:
             "geogate_bulkhead_rejections", "requests refused because every endpoint was full",
             ["zone"], registry=r,
         )  # fmt: skip
+        self.ratelimit_decisions = Counter(
+            "geogate_ratelimit_decisions",
+            "rate-limit decisions by route, policy and result "
+            "(allowed, limited, fallback, error)",
+            ["route", "policy", "result"], registry=r,
+        )  # fmt: skip
+        self.ratelimit_degraded = Counter(
+            "geogate_ratelimit_store_degraded",
+            "times the control Redis went into trouble (breaker opened; local fallback)",
+            registry=r,
+        )
         self.ejections = Counter(
             "geogate_upstream_ejections", "outlier-detection ejections",
             ["region", "endpoint"], registry=r,

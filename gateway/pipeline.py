@@ -9,7 +9,9 @@ in ``finally``, so they also run on cancellation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
@@ -20,7 +22,49 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.routing import RouteTable
 
-__all__ = ["Forwarder", "LocalReply", "Pipeline", "Stage"]
+__all__ = ["BackgroundTasks", "Forwarder", "LocalReply", "Pipeline", "Stage"]
+
+log = logging.getLogger("geogate.pipeline")
+
+
+class BackgroundTasks:
+    """Work that must await after the response (Redis slot release, token reconciliation).
+
+    Each task gets its own timeout; the set keeps strong references (asyncio keeps only weak
+    ones) and ``drain`` waits for what is left when the server stops.
+
+    Args:
+        timeout: seconds each task may take before it is cancelled.
+    """
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._timeout = timeout
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def spawn(self, coro: Coroutine[object, object, object]) -> None:
+        """Run ``coro`` in the background, bounded by the timeout; failures are logged."""
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(self._run(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, coro: Coroutine[object, object, object]) -> object:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await coro
+        except Exception:
+            log.exception("background task failed")
+            return None
+
+    async def drain(self, within: float) -> None:
+        """Wait up to ``within`` seconds for the tasks still running, then cancel them."""
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=within)
+        for task in pending:
+            task.cancel()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
 
 class LocalReply:

@@ -41,6 +41,7 @@ from gateway.headers import (
     via_value,
 )
 from gateway.tenants import KEY_HEADERS
+from gateway.usage import SseUsageTap, usage_from_json
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -202,6 +203,8 @@ class HttpForwarder:
         headers = strip_hop_by_hop(request.headers, extra)
         if ex.tenant is not None:
             headers["X-Tenant-Id"] = ex.tenant.id
+        if ex.body_override is not None:
+            headers["Content-Length"] = str(len(ex.body_override))
         peer = request.remote
         proto = request.scheme
         host = request.host
@@ -238,6 +241,8 @@ class HttpForwarder:
         headers["X-Request-Id"] = ex.request_id
         if ex.zone is not None:
             headers["X-Residency-Zone"] = ex.zone  # tells the client which zone served it
+        if ex.response_headers:
+            headers.update(ex.response_headers)
         return headers
 
     async def _request_body(
@@ -249,6 +254,8 @@ class HttpForwarder:
             raise PayloadTooLarge(
                 f"request body of {length} bytes exceeds the limit of {route.max_body_bytes}"
             )
+        if ex.body_override is not None:
+            return ex.body_override
         if not request.body_exists:
             return None
         expects = request.headers.get("Expect", "").lower() == "100-continue"
@@ -526,6 +533,8 @@ class HttpForwarder:
                 headers = self._response_headers(ex, upstream)
                 if data is not None:
                     del headers["Content-Length"]
+                    if ex.token_reservation:
+                        ex.usage_tokens = usage_from_json(data)
                     ex.status = status
                     return web.Response(
                         status=status, reason=upstream.reason, body=data, headers=headers
@@ -536,10 +545,20 @@ class HttpForwarder:
                 ex.status = status
                 await prepared.prepare(request)
                 reader = upstream.content
+                tap = None
+                if ex.token_reservation and upstream.content_type == "text/event-stream":
+                    tap = SseUsageTap(strip=ex.strip_usage_chunk)
                 with map_upstream_errors("idle"):
                     while chunk := await reader.readany():
-                        await prepared.write(chunk)
+                        if tap is not None:
+                            chunk = tap.feed(chunk)
+                        if chunk:
+                            await prepared.write(chunk)
                         timer.reschedule(min(loop.time() + idle, deadline))
+                if tap is not None:
+                    if rest := tap.flush():
+                        await prepared.write(rest)
+                    ex.usage_tokens = tap.usage
                 await prepared.write_eof()
                 return prepared
         except TimeoutError as exc:

@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.admin import build_admin_app
-from gateway.breaker import BreakerState
+from gateway.breaker import Breaker, BreakerState
 from gateway.budget import RetryBudget
 from gateway.clock import LoopClock
 from gateway.dns import TTLResolver
@@ -38,8 +38,10 @@ from gateway.geo import GeoDatabase
 from gateway.health import HealthChecker, ProbeSettings
 from gateway.locate import LocateStage
 from gateway.metrics import Metrics, UpstreamStateCollector
-from gateway.pipeline import Pipeline
+from gateway.pipeline import BackgroundTasks, Pipeline
 from gateway.proxy import HttpForwarder
+from gateway.ratelimit import LocalStore, PolicyStore, RateLimitStage
+from gateway.ratelimit_store import MemoryStore, RedisStore, ResilientStore
 from gateway.residency import ResidencyRules
 from gateway.routing import RouteTable
 from gateway.tenants import TenantStage
@@ -151,6 +153,8 @@ class GatewayServer:
         self.budget = RetryBudget(ratio=budget_cfg.ratio, min_concurrent=budget_cfg.min_concurrent)
         self.metrics.registry.register(UpstreamStateCollector(self.upstreams, self.budget))
         self.health: HealthChecker | None = None
+        self.tasks = BackgroundTasks()
+        self.ratelimit_store: PolicyStore | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -215,7 +219,15 @@ class GatewayServer:
             self.geodb, self.rules, self.trusted, header=cfg.gateway.client_address_header
         )
         identify = TenantStage(cfg.tenants)
-        self._pipeline = Pipeline(self.routes, [identify, locate], forwarder)
+        self.ratelimit_store = self._make_ratelimit_store()
+        ratelimit = RateLimitStage(
+            cfg.rate_limits,
+            self.ratelimit_store,
+            metrics=self.metrics,
+            tasks=self.tasks,
+            always_headers=True,
+        )
+        self._pipeline = Pipeline(self.routes, [identify, locate, ratelimit], forwarder)
         limits = cfg.gateway.limits
         server = _Server(
             self._handle,
@@ -247,6 +259,30 @@ class GatewayServer:
             sockets = getattr(admin_site._server, "sockets", None) or ()
             self.admin_bound = [sock.getsockname()[:2] for sock in sockets]
             log.info("admin listening on %s", self.admin_bound)
+
+    def _make_ratelimit_store(self) -> PolicyStore:
+        """The control Redis behind a time budget and a breaker, or the in-process store."""
+        rc = self.config.redis
+        memory = MemoryStore(clock=self.clock)
+        if rc.control is None:
+            return LocalStore(memory)
+
+        def degraded(on: bool) -> None:
+            if on:
+                self.metrics.ratelimit_degraded.inc()
+
+        return ResilientStore(
+            RedisStore.from_url(rc.control),
+            memory,
+            breaker=Breaker(
+                "control-redis",
+                fail_max=rc.breaker_fail_max,
+                reset_timeout=rc.breaker_reset_timeout,
+                clock=self.clock,
+            ),
+            call_timeout=rc.call_timeout,
+            on_degraded=degraded,
+        )
 
     async def _start_health_checks(self) -> None:
         hc = self.config.upstream.health
@@ -360,6 +396,10 @@ class GatewayServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        await self.tasks.drain(1.0)
+        if self.ratelimit_store is not None:
+            await self.ratelimit_store.close()
+            self.ratelimit_store = None
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
