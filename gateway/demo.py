@@ -117,7 +117,7 @@ async def stop_backends(backends: list[BackendProcess]) -> None:
 
 
 def _curl_lines(base: str, admin: str | None) -> str:
-    json_h = "-H 'Content-Type: application/json'"
+    json_h = "-H 'Content-Type: application/json' -H \"Authorization: Bearer $GEOGATE_DEMO_KEY\""
     rag = """-d '{"input": {"question": "Where is my data stored?"}}'"""
     chat = (
         """-d '{"model": "geogate-chat", "stream": true, """
@@ -131,10 +131,13 @@ def _curl_lines(base: str, admin: str | None) -> str:
             "  # a user in the United States: answered by us-east-1",
             f"  curl -si {base}/rag/invoke {json_h} -H 'X-Forwarded-For: 8.8.8.8' {rag}",
             "  # a user in Japan (zone global): the gateway's own region first",
-            f"  curl -si {base}/health -H 'X-Forwarded-For: 133.242.0.3'",
+            f"  curl -si {base}/health {json_h} -H 'X-Forwarded-For: 133.242.0.3'",
             "  # a streamed chat completion, token by token",
             f"  curl -sN {base}/v1/chat/completions {json_h} {chat}",
-            "  # the OpenAI client: OpenAI(base_url='" + base + "/v1', api_key='unused')",
+            "  # without a key: 401; past 10 requests/s (burst 20): 429 with RateLimit fields",
+            f"  curl -si {base}/health",
+            "  # the OpenAI client: OpenAI(base_url='" + base + "/v1', "
+            "api_key=os.environ['GEOGATE_DEMO_KEY'])",
         ]
         + (
             [
@@ -148,8 +151,23 @@ def _curl_lines(base: str, admin: str | None) -> str:
     )
 
 
+def with_demo_tenant(config: GatewayConfig, key: str) -> GatewayConfig:
+    """``config`` plus a tenant ``demo`` holding ``key`` (stored hashed), limited by the
+    first route's default policy."""
+    from gateway.config import TenantConfig
+    from gateway.tenants import hash_key
+
+    demo = TenantConfig(id="demo", keys=(hash_key(key),))
+    others = tuple(t for t in config.tenants if t.id != "demo")
+    return config.model_copy(update={"tenants": (*others, demo)})
+
+
 async def _demo(config: GatewayConfig, ttft_ms: float, tokens_per_second: float) -> int:
     from gateway.server import GatewayServer
+    from gateway.tenants import new_key
+
+    key = new_key()
+    config = with_demo_tenant(config, key)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,6 +196,8 @@ async def _demo(config: GatewayConfig, ttft_ms: float, tokens_per_second: float)
     if server.admin_bound:
         admin_host, admin_port = server.admin_bound[0]
         admin = f"http://{admin_host}:{admin_port}"
+    print("The demo tenant's API key (paste this line into your shell first):\n")
+    print(f"GEOGATE_DEMO_KEY={key}\n", flush=True)
     print(_curl_lines(base, admin))
     print("Press Ctrl-C to stop.", flush=True)
     await stop.wait()

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -46,12 +47,21 @@ def test_demo_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
     try:
         ready = wait_for_line(proc, b"GeoGate demo ready")
         base = re.search(rb"http://[0-9.:]+", ready).group().decode()  # type: ignore[union-attr]
+        key_line = wait_for_line(proc, b"GEOGATE_DEMO_KEY=").decode().strip()
+        assert re.fullmatch(r"GEOGATE_DEMO_KEY=gg_[A-Za-z0-9_-]{40,}", key_line)  # own line
+        auth = {"Authorization": f"Bearer {key_line.split('=', 1)[1]}"}
         wait_for_line(proc, b"Press Ctrl-C")
         question = {"input": {"question": "Where is my data stored?"}}
         gb_headers, gb = post_json(
-            f"{base}/rag/invoke", question, {"X-Forwarded-For": "2.125.160.216"}
+            f"{base}/rag/invoke", question, {"X-Forwarded-For": "2.125.160.216", **auth}
         )
-        us_headers, _ = post_json(f"{base}/rag/invoke", question, {"X-Forwarded-For": "8.8.8.8"})
+        us_headers, _ = post_json(
+            f"{base}/rag/invoke", question, {"X-Forwarded-For": "8.8.8.8", **auth}
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:  # the demo's routes need a key
+            post_json(f"{base}/rag/invoke", question, {})
+        info.value.close()
+        assert info.value.code == 401
         assert gb_headers["X-Served-Region"].startswith("eu-")
         assert "eu-" in gb["output"]
         assert us_headers["X-Served-Region"] == "us-east-1"
