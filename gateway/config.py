@@ -232,6 +232,8 @@ class GatewaySection(_Model):
     geoip_cache_size: int = Field(default=65536, ge=0)  # LRU entries of address -> country
     limits: LimitsConfig = LimitsConfig()
     via: str = "geogate"  # pseudonym in the Via header (RFC 9110 §7.6.3)
+    # RateLimit-Policy / RateLimit fields on every rate-limited answer, or only on 429
+    ratelimit_headers: Literal["always", "on_429"] = "always"
 
 
 class ZoneConfig(_Model):

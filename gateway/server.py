@@ -225,7 +225,7 @@ class GatewayServer:
             self.ratelimit_store,
             metrics=self.metrics,
             tasks=self.tasks,
-            always_headers=True,
+            always_headers=cfg.gateway.ratelimit_headers == "always",
         )
         self._pipeline = Pipeline(self.routes, [identify, locate, ratelimit], forwarder)
         limits = cfg.gateway.limits
