@@ -356,7 +356,7 @@ class HttpForwarder:
                     )
                     if retry is None:
                         raise
-                    lease, holding_retry = retry, True
+                    lease, holding_retry = retry, holding_retry or reason != "connect"
                     continue
                 except BaseException:
                     lease.release(None)
@@ -409,7 +409,10 @@ class HttpForwarder:
         lease = self._upstreams.acquire(regions, tried)
         if lease is None:
             return None
-        if not holding and not self._budget.try_acquire_retry():
+        # A retry after a refused connection costs the upstreams nothing (nothing reached
+        # them), so it takes no budget: the budget guards overloaded upstreams against retry
+        # storms, and charging it here would turn a killed replica into failed requests.
+        if reason != "connect" and not holding and not self._budget.try_acquire_retry():
             lease.release(None)
             self._metrics.retry_budget_exhausted.labels(route.prefix).inc()
             return None
