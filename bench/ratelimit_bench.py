@@ -24,8 +24,12 @@ and runs, in this order, the scenarios asked for with ``--scenarios``:
   request, ``requests_per_second`` only) and the other applies none (*off*); both require
   the API key. wrk (``bench/wrk/post_chat_auth.lua``) runs ``--repeats`` x ``--duration`` s
   against each, interleaved (on, off, then off, on, ...), reusing ``bench/run.py``'s wrk
-  runner and pinning: gateways on the first CPU, backend, Redis, wrk and this harness on the
-  second (``--no-pin`` turns it off).
+  runner and pinning: gateways on the first CPU, backend, wrk and this harness on the second
+  (``--no-pin`` turns it off); Redis unpinned by default (``--redis-cpus``). Before each
+  limiting-on run the harness waits until the gateway decides in Redis again: a burst of
+  load can make Redis calls miss ``call_timeout`` (20 ms by default, ``--call-timeout``),
+  and after 3 such calls the gateway decides in process for ``breaker_reset_timeout`` (5 s).
+  Decisions taken in process during a run are counted (the *fallback* column).
 
 Accuracy is judged by ``bench/ratelimit_report.py``: expected = ``burst + rate x span`` with
 ``span`` the time from the first to the last request *sent* (client clock); the target is
@@ -92,6 +96,7 @@ from bench.run import (  # noqa: E402
     WRK_DIR,
     Scenario,
     _command_line,
+    _describe_pins,
     choose_pins,
     gateway_config,
     machine_info,
@@ -112,6 +117,7 @@ REQUEST_TIMEOUT = 10.0  # seconds per client request, whole answer included
 RUN_GRACE = 30.0  # seconds an accuracy run may take beyond --duration before it is abandoned
 SETTLE = 0.5  # seconds after the last answer before /metrics is read (deferred reconciliation)
 START_DELAY = 0.05  # seconds from creating the schedule to its first send
+SHARED_TIMEOUT = 20.0  # seconds to wait for a gateway to decide in Redis again (breaker)
 HIGH = 1_000_000  # requests/s and burst of the policy that never refuses (warm-up, overhead)
 
 GATEWAY_READY = re.compile(r"gateway \S+ listening on ([\d.]+:\d+)")
@@ -164,55 +170,82 @@ def start_redis(
     port = _free_port()
     service = Service(
         "redis",
-        [
-            redis_server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--daemonize",
-            "no",
-        ],
+        [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"],
         log_path=workdir / "redis.log",
         cpus=cpus,
-    )
+    )  # fmt: skip
     stack.callback(service.stop)
     service.wait_ready(REDIS_READY)
     return service, f"redis://127.0.0.1:{port}/0"
 
 
+def redis_info(url: str) -> dict[str, str]:
+    """``INFO all`` of the Redis at ``url`` (``redis://127.0.0.1:PORT/0``) as field -> value.
+
+    Raises:
+        BenchError: no answer, or not a bulk string.
+    """
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=REQUEST_TIMEOUT) as s:
+            s.sendall(b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n")
+            data = b""
+            while b"\r\n" not in data or len(data) < _bulk_end(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as exc:
+        raise BenchError(f"INFO {url}: {exc}") from exc
+    if not data.startswith(b"$"):
+        raise BenchError(f"INFO {url}: unexpected answer {data[:100]!r}")
+    body = data[data.index(b"\r\n") + 2 : _bulk_end(data)].decode()
+    return dict(ln.split(":", 1) for ln in body.splitlines() if ":" in ln)
+
+
+def _bulk_end(data: bytes) -> int:
+    head = data.index(b"\r\n")
+    return head + 2 + int(data[1:head])
+
+
+def _redis_counts(url: str | None) -> tuple[int, int]:
+    """(connections accepted, scripts run: EVALSHA + EVAL calls) so far; (0, 0) without Redis.
+
+    Scripts, not ``total_commands_processed``: that also counts the commands each script
+    calls inside Redis.
+    """
+    if url is None:
+        return 0, 0
+    info = redis_info(url)
+    scripts = 0
+    for name in ("cmdstat_evalsha", "cmdstat_eval"):
+        if name in info:
+            fields = dict(f.split("=", 1) for f in info[name].split(","))
+            scripts += int(fields["calls"])
+    return int(info["total_connections_received"]), scripts
+
+
 def start_backend(
-    stack: contextlib.ExitStack, workdir: Path, cpus: frozenset[int] | None
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    cpus: frozenset[int] | None,
+    *,
+    tokens_per_second: float = 0,
 ) -> tuple[Service, str]:
-    """Start ``python -m backend`` (no model delay); return it and its base URL."""
+    """Start ``python -m backend``; return it and its base URL.
+
+    Args:
+        tokens_per_second: the offline model's streaming pace; 0: no delay at all.
+    """
     backend = Service(
         "backend",
-        [
-            sys.executable,
-            "-m",
-            "backend",
-            "--region",
-            REGION,
-            "--zones",
-            "us,global",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--ttft-ms",
-            "0",
-            "--tokens-per-second",
-            "0",
-        ],
+        [sys.executable, "-m", "backend", "--region", REGION, "--zones", "us,global",
+         "--host", "127.0.0.1", "--port", "0", "--ttft-ms", "0",
+         "--tokens-per-second", f"{tokens_per_second:g}"],
         log_path=workdir / "backend.log",
         cpus=cpus,
-    )
+    )  # fmt: skip
     stack.callback(backend.stop)
     return backend, backend.wait_ready(BACKEND_READY).group(1)
 
@@ -223,12 +256,14 @@ def limits_config(
     policies: dict[str, dict[str, Any]],
     redis_url: str | None,
     limiting: bool = True,
+    call_timeout_ms: float | None = None,
 ) -> dict[str, Any]:
     """``bench/run.py``'s gateway config plus API keys, rate limits, Redis and /metrics.
 
     One tenant per policy (tenant id = policy name, key ``api_key(name)``), each limited by
     its policy on the catch-all route; ``limiting=False`` keeps the tenants and drops every
-    policy (limiting off). Auth is required either way.
+    policy (limiting off). Auth is required either way. ``call_timeout_ms``: the budget of
+    one Redis call (None: the gateway's default, 20 ms).
     """
     cfg = gateway_config(backend_url)
     cfg["routes"] = [{"prefix": "/", "auth": "required"}]
@@ -240,6 +275,8 @@ def limits_config(
     ]
     if redis_url is not None:
         cfg["redis"] = {"control": redis_url}
+        if call_timeout_ms is not None:
+            cfg["redis"]["call_timeout"] = f"{call_timeout_ms:g}ms"
     return cfg
 
 
@@ -310,9 +347,12 @@ async def _one(
         async with session.post(url + CHAT_PATH, data=body, headers=headers) as resp:
             status, raw = resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        error = type(exc).__name__
         return Outcome(
-            gateway=gateway, sent=sent, latency=loop.time() - sent, status=None, error=error
+            gateway=gateway,
+            sent=sent,
+            latency=loop.time() - sent,
+            status=None,
+            error=type(exc).__name__,
         )
     latency = loop.time() - sent
     tokens: int | None = None
@@ -346,25 +386,31 @@ async def offer(
         duration: seconds from the first to the last scheduled send.
 
     Returns:
-        One outcome per request, in the order sent; never raises for a failed request.
+        One outcome per request, in the order sent; a failed request is an outcome.
+
+    Raises:
+        BenchError: the whole run took over ``duration + RUN_GRACE`` seconds.
     """
     count = round(rate * duration) + 1
     loop = asyncio.get_running_loop()
     connector = aiohttp.TCPConnector(limit=512)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     tasks: list[asyncio.Task[Outcome]] = []
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        asyncio.timeout(duration + RUN_GRACE),
-        asyncio.TaskGroup() as group,
-    ):
-        start = loop.time() + START_DELAY
-        for i in range(count):
-            if (delay := start + i / rate - loop.time()) > 0:
-                await asyncio.sleep(delay)
-            gw = i % len(urls)
-            one = _one(session, gw, urls[gw], headers=headers, body=body, stream=stream)
-            tasks.append(group.create_task(one))
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            asyncio.timeout(duration + RUN_GRACE),
+            asyncio.TaskGroup() as group,
+        ):
+            start = loop.time() + START_DELAY
+            for i in range(count):
+                if (delay := start + i / rate - loop.time()) > 0:
+                    await asyncio.sleep(delay)
+                gw = i % len(urls)
+                one = _one(session, gw, urls[gw], headers=headers, body=body, stream=stream)
+                tasks.append(group.create_task(one))
+    except TimeoutError as exc:
+        raise BenchError(f"the run took over {duration + RUN_GRACE:.0f} s: abandoned") from exc
     return [t.result() for t in tasks]
 
 
@@ -437,6 +483,38 @@ def decisions(gateway: Gateway, policy: str) -> dict[str, float]:
     return out
 
 
+def wait_until_shared(gateway: Gateway, tenant: str) -> float:
+    """Send single requests as ``tenant`` until 3 in a row are decided in Redis.
+
+    After a burst of load the gateway may have given up on Redis for a while (its breaker
+    opens after 3 calls over ``call_timeout``, for ``breaker_reset_timeout``, 5 s by
+    default) and decide in process; a measurement of limiting *through Redis* must not
+    start then. The tenant's policy must never refuse.
+
+    Returns:
+        Seconds waited (0.0-ish when Redis was deciding already).
+
+    Raises:
+        BenchError: Redis did not decide again within SHARED_TIMEOUT seconds.
+    """
+    started = time.monotonic()
+    body = json.dumps(CHAT_BODY).encode()
+    streak = 0
+    while time.monotonic() - started < SHARED_TIMEOUT:
+        allowed = decisions(gateway, tenant).get("allowed", 0.0)
+        status, answer = _post(gateway.url, CHAT_PATH, body, _auth(tenant))
+        if status != 200:
+            raise BenchError(f"{gateway.service.name}: status {status}: {answer[:300]!r}")
+        if decisions(gateway, tenant).get("allowed", 0.0) > allowed:  # not "fallback"
+            streak += 1
+            if streak == 3:
+                return time.monotonic() - started
+        else:
+            streak = 0
+            time.sleep(0.2)
+    raise BenchError(f"{gateway.service.name}: Redis decided nothing for {SHARED_TIMEOUT} s")
+
+
 # --- scenarios ----------------------------------------------------------------------------------
 
 
@@ -467,29 +545,29 @@ def run_accuracy(
     gateways: Sequence[Gateway],
     args: argparse.Namespace,
     *,
-    store: str,
+    redis_url: str | None,
     tokens_per_answer: int,
 ) -> tuple[Accuracy, dict[str, Any]]:
-    """One accuracy scenario against ``gateways``; returns the figures and extra facts."""
-    if name == "accuracy-tokens":
+    """One accuracy scenario against ``gateways``; returns the figures and extra facts.
+
+    Args:
+        redis_url: the shared Redis, None for the in-process store.
+        tokens_per_answer: ``usage.total_tokens`` of one streamed answer (for the pacing).
+    """
+    store = "memory" if redis_url is None else "redis"
+    stream = name == "accuracy-tokens"
+    if stream:
         n = args.tokens_per_minute
         limit = LimitSpec(unit="tokens", rate=n / 60, burst=n, label=f"{n} tokens/min")
-        tenant, body, stream, unit = (
-            "tokens",
-            _stream_body(args.max_tokens),
-            True,
-            tokens_per_answer,
-        )
+        tenant, body, unit = "tokens", _stream_body(args.max_tokens), tokens_per_answer
     else:
-        limit = LimitSpec(
-            unit="requests",
-            rate=args.rate,
-            burst=args.burst,
-            label=f"{args.rate:g} req/s, burst {args.burst}",
-        )
-        tenant, body, stream, unit = "requests", _plain_body(args.max_tokens), False, 1
+        label = f"{args.rate:g} req/s, burst {args.burst}"
+        limit = LimitSpec(unit="requests", rate=args.rate, burst=args.burst, label=label)
+        tenant, body, unit = "requests", _plain_body(args.max_tokens), 1
+    # overload x what the limit admits over the run, in requests per second
     rate = args.overload * limit.expected(args.duration) / args.duration / unit
     before = [decisions(gw, tenant) for gw in gateways]
+    conns0, scripts0 = _redis_counts(redis_url)
     print(
         f"{name}: {rate:.1f} req/s for {args.duration} s over {len(gateways)} gateway(s), "
         f"limit {limit.label}",
@@ -507,6 +585,7 @@ def run_accuracy(
     )
     time.sleep(SETTLE)
     after = [decisions(gw, tenant) for gw in gateways]
+    conns1, scripts1 = _redis_counts(redis_url)
     per_gateway = [
         {k: after[i].get(k, 0.0) - before[i].get(k, 0.0) for k in after[i]}
         for i in range(len(gateways))
@@ -519,6 +598,9 @@ def run_accuracy(
         name, store=store, limit=limit, offered_rate=rate, gateways=len(gateways), outcomes=outcomes
     )
     extra: dict[str, Any] = {"decisions": total, "decisions_per_gateway": per_gateway}
+    if redis_url is not None:
+        extra["redis_connections"] = conns1 - conns0
+        extra["redis_scripts"] = scripts1 - scripts0
     if stream:
         extra["tokens_reserved_per_request"] = estimate_tokens(body, 256)
         extra["tokens_used_per_request"] = sorted({o.tokens for o in outcomes if o.tokens})
@@ -543,19 +625,27 @@ def accuracy_group(
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         redis_url = start_redis(stack, workdir, None)[1] if redis else None
-        _, backend_url = start_backend(stack, workdir, None)
-        cfg = limits_config(backend_url, policies=_policies(args), redis_url=redis_url)
+        _, backend_url = start_backend(
+            stack, workdir, None, tokens_per_second=args.backend_tokens_per_second
+        )
+        cfg = limits_config(
+            backend_url,
+            policies=_policies(args),
+            redis_url=redis_url,
+            call_timeout_ms=args.call_timeout,
+        )
         count = args.gateways if redis else 1
         prefix = "gw" if redis else "gw-local"
         gateways = start_gateways(
             stack, workdir, [(f"{prefix}{i}", cfg) for i in range(count)], None
         )
         used = warm_up(gateways, "high", _stream_body(args.max_tokens))
+        for gw in gateways if redis else ():
+            wait_until_shared(gw, "high")
         return [
-            run_accuracy(name, gateways, args, store="redis" if redis else "memory",
-                         tokens_per_answer=used)
+            run_accuracy(name, gateways, args, redis_url=redis_url, tokens_per_answer=used)
             for name in names
-        ]  # fmt: skip
+        ]
 
 
 def overhead_group(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -575,23 +665,25 @@ def overhead_group(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     affinity = os.sched_getaffinity(0)
     runs: list[OverheadRun] = []
+    waited: list[float] = []  # seconds before each limiting-on run until Redis decided again
     with contextlib.ExitStack() as stack:
-        redis, redis_url = start_redis(stack, workdir, pins["backend"])
+        redis_cpus = {"any": None, "gateway": pins["gateway"], "backend": pins["backend"]}
+        redis, redis_url = start_redis(stack, workdir, redis_cpus[args.redis_cpus])
         backend, backend_url = start_backend(stack, workdir, pins["backend"])
-        on, off = start_gateways(
-            stack,
-            workdir,
-            [
-                (
-                    f"gw-{label}",
-                    limits_config(
-                        backend_url, policies=policies, redis_url=redis_url, limiting=label == "on"
-                    ),
-                )
-                for label in ("on", "off")
-            ],
-            pins["gateway"],
-        )
+        configs = [
+            (
+                f"gw-{label}",
+                limits_config(
+                    backend_url,
+                    policies=policies,
+                    redis_url=redis_url,
+                    limiting=label == "on",
+                    call_timeout_ms=args.call_timeout,
+                ),
+            )
+            for label in ("on", "off")
+        ]
+        on, off = start_gateways(stack, workdir, configs, pins["gateway"])
         warm_up([on, off], "high", _stream_body(args.max_tokens))
         os.environ[API_KEY_ENV] = api_key("high")
         if pins["wrk"]:
@@ -605,13 +697,19 @@ def overhead_group(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         }
         for gw in (on, off) if args.warmup else ():
             run_wrk(scenario, gw.url, **{**wrk_opts, "duration": args.warmup})
-        before = decisions(on, "high")
+        warmed = decisions(on, "high")
         for repeat in range(1, args.repeats + 1):
             order = (on, off) if repeat % 2 else (off, on)
             for gw in order:
+                if gw is on:
+                    waited.append(wait_until_shared(on, "high"))
+                fallback = decisions(on, "high").get("fallback", 0.0)
+                conns0, scripts0 = _redis_counts(redis_url)
                 g0, r0, b0 = gw.service.cpu_seconds(), redis.cpu_seconds(), backend.cpu_seconds()
                 summary, _ = run_wrk(scenario, gw.url, **wrk_opts)
                 g1, r1, b1 = gw.service.cpu_seconds(), redis.cpu_seconds(), backend.cpu_seconds()
+                conns1, scripts1 = _redis_counts(redis_url)
+                now_fallback = decisions(on, "high").get("fallback", 0.0)
                 run = OverheadRun(
                     repeat=repeat,
                     limiting=gw is on,
@@ -620,6 +718,9 @@ def overhead_group(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     gateway_cpu=g1 - g0,
                     redis_cpu=r1 - r0,
                     backend_cpu=b1 - b0,
+                    redis_connections=conns1 - conns0,
+                    redis_scripts=scripts1 - scripts0,
+                    fallback=round(now_fallback - fallback),
                 )
                 runs.append(run)
                 us = run.gateway_us_per_request
@@ -633,10 +734,12 @@ def overhead_group(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         after = decisions(on, "high")
         off_decisions = decisions(off, "high")
     return {
-        "pinning": ", ".join(f"{k} on CPU {sorted(v)}" for k, v in pins.items() if v)
-        or "not pinned",
+        "warmup_decisions_on": warmed,
+        "waited_for_redis_s": waited,
+        "pinning": _describe_pins({**pins, "redis": redis_cpus[args.redis_cpus]})
+        + ("" if redis_cpus[args.redis_cpus] else "; redis not pinned"),
         "policy_on": policies["high"],
-        "decisions_on": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after},
+        "decisions_on": {k: after.get(k, 0.0) - warmed.get(k, 0.0) for k in after},
         "decisions_off": off_decisions,
         "runs": runs,
     }
@@ -677,7 +780,13 @@ def markdown_section(results: Results) -> str:
             f"limit admits over {s['duration_s']} s, round robin over the gateways; expected = "
             "burst + rate x span, **span = first to last request sent** (client monotonic "
             "clock); target within 1 % of expected or one request's cost. Redis scenarios: one "
-            "`redis-server` on loopback, `call_timeout` 20 ms, `on_redis_trouble: fallback`.",
+            f"`redis-server` on loopback, `call_timeout` {s['redis_call_timeout_ms']:g} ms, "
+            "`on_redis_trouble: fallback`. Backend: "
+            + (
+                f"streams at {s['backend_tokens_per_second']:g} tokens/s."
+                if s["backend_tokens_per_second"]
+                else "no model delay."
+            ),
             "",
             render_markdown(accuracy_rows([a for a, _ in results.accuracies])),
             "",
@@ -685,40 +794,65 @@ def markdown_section(results: Results) -> str:
             "",
         ]
         for entry in accuracy:
-            d = entry["extra"]["decisions"]
+            extra = entry["extra"]
             note = (
-                f"- {entry['scenario']}: gateway decisions (from /metrics) allowed "
-                f"{d.get('allowed', 0):.0f}, limited {d.get('limited', 0):.0f}, fallback "
-                f"{d.get('fallback', 0):.0f}, Redis breaker openings "
-                f"{d.get('store_degraded', 0):.0f}; admitted requests sent from "
-                f"{entry['extra'].get('first_admitted_s', 0):.3f} s to "
-                f"{entry['extra'].get('last_admitted_s', 0):.3f} s"
+                f"- {entry['scenario']}: gateway decisions (from /metrics) "
+                f"{_counts({'fallback': 0, **extra['decisions']})}"
             )
-            if "tokens_reserved_per_request" in entry["extra"]:
+            if "redis_scripts" in extra:
                 note += (
-                    f"; tokens reserved per request {entry['extra']['tokens_reserved_per_request']}"
-                    f", used {entry['extra']['tokens_used_per_request']}"
+                    f"; Redis scripts run {extra['redis_scripts']}, new Redis connections "
+                    f"{extra['redis_connections']}"
+                )
+            note += (
+                f"; admitted requests sent from {extra.get('first_admitted_s', 0):.3f} s to "
+                f"{extra.get('last_admitted_s', 0):.3f} s"
+            )
+            note += (
+                f"; largest excess of admitted over burst + rate x t on any prefix of the run: "
+                f"{entry['peak_excess_units']:+g} at t = {entry['peak_excess_at_s']:.2f} s"
+            )
+            if "tokens_reserved_per_request" in extra:
+                note += (
+                    f"; tokens reserved per request {extra['tokens_reserved_per_request']}, "
+                    f"used {extra['tokens_used_per_request']}"
                 )
             lines.append(note + ".")
         lines.append("")
     if "overhead" in result:
         o = result["overhead"]
+        measured, warm = _counts(o["decisions_on"]), _counts(o["warmup_decisions_on"])
+        waited = ", ".join(f"{w:.1f}" for w in o["waited_for_redis_s"])
+        off = _counts(o["decisions_off"])
         lines += [
             f"- Overhead: wrk {s['connections']} connections, {s['threads']} thread(s), "
             f"{s['repeats']} x {s['duration_s']} s per setting, interleaved, warm-up "
             f"{s['warmup_s']} s each; POST {CHAT_PATH} non-streaming with an API key; "
             f"limiting on = policy `{o['policy_on']}` in Redis on loopback, off = no policy. "
-            f"Pinning: {o['pinning']}.",
+            f"Pinning: {o['pinning']}. *redis scripts* / *redis conns*: scripts Redis ran "
+            "(one per rate-limit decision) and connections it accepted during the run (1: the "
+            "harness's own INFO); "
+            "*fallback*: requests the gateway decided in process because Redis missed "
+            "`call_timeout` (`!`: the run did not measure limiting through Redis).",
             "",
             render_markdown(overhead_rows(results.overhead_runs)),
             "",
-            f"- Decisions on the limiting-on gateway during the runs: {o['decisions_on']}; on "
-            f"the limiting-off gateway: {o['decisions_off']}.",
+            f"- Limiting-on gateway: decisions during the measured runs {measured}; during "
+            f"the warm-up {warm}; before each limiting-on run the harness waited until Redis "
+            f"decided again (3 requests in a row): {waited} s. Limiting-off gateway: {off}.",
             "",
         ]
     if result["flagged"]:
         lines += ["**Flagged: some runs had errors other than 429; their figures are suspect.**"]
     return "\n".join(lines)
+
+
+def _counts(decided: dict[str, float]) -> str:
+    """``allowed 12, fallback 0, breaker openings 0`` from a ``decisions()`` delta."""
+    return ", ".join(
+        f"{'breaker openings' if k == 'store_degraded' else k} {v:.0f}"
+        for k, v in sorted(decided.items())
+    )
 
 
 def _redis_version() -> str:
@@ -765,6 +899,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tokens", type=int, default=20, help="max_tokens per request (default 20)")
     p.add_argument(
+        "--backend-tokens-per-second",
+        type=float,
+        default=0,
+        help="accuracy scenarios: the backend's streaming pace (default 0: no delay); a slow "
+        "stream holds its token reservation longer before usage reconciles it",
+    )
+    p.add_argument(
         "--overload",
         type=float,
         default=3.0,
@@ -775,6 +916,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--warmup", type=int, default=2, help="wrk warm-up s per gateway (default 2)")
     p.add_argument("--no-pin", action="store_true", help="overhead: do not pin to CPUs")
+    p.add_argument(
+        "--call-timeout",
+        type=float,
+        metavar="MS",
+        help="redis.call_timeout of every gateway, ms (default: the gateway's, 20 ms)",
+    )
+    p.add_argument(
+        "--redis-cpus",
+        choices=("any", "gateway", "backend"),
+        default="any",
+        help="overhead: Redis unpinned (default), or on the gateways' or the backend's CPU",
+    )
     p.add_argument(
         "--out", type=Path, help="JSON results (default bench/out/ratelimit-<UTC time>.json)"
     )
@@ -800,6 +953,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> li
         parser.error("--rate must be > 0 and --overload > 1")
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    if args.backend_tokens_per_second < 0:
+        parser.error("--backend-tokens-per-second must be 0 or more")
+    if args.call_timeout is not None and args.call_timeout <= 0:
+        parser.error("--call-timeout must be > 0 ms")
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
@@ -838,6 +995,9 @@ def benchmark(args: argparse.Namespace, names: Sequence[str]) -> Results:
             "threads": args.threads,
             "warmup_s": args.warmup,
             "redis_version": _redis_version(),
+            "redis_cpus": args.redis_cpus,
+            "backend_tokens_per_second": args.backend_tokens_per_second,
+            "redis_call_timeout_ms": args.call_timeout or 20,
         },
     }
     accuracies: list[tuple[Accuracy, dict[str, Any]]] = []

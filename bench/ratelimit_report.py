@@ -167,6 +167,8 @@ class Accuracy:
     admitted_units: float  # in limit.unit
     unit_cost: float  # one request's cost: 1, or the largest total_tokens of an answer
     per_gateway: tuple[GatewayCounts, ...]
+    peak_excess: float  # max over t of admitted(sent <= t) - (burst + rate x t), units
+    peak_excess_at: float  # that t, seconds after the first send
 
     @property
     def expected(self) -> float:
@@ -216,6 +218,8 @@ class Accuracy:
             "tolerance_units": round(self.tolerance, 3),
             "unit_cost": self.unit_cost,
             "within_target": self.is_within,
+            "peak_excess_units": round(self.peak_excess, 3),
+            "peak_excess_at_s": round(self.peak_excess_at, 4),
             "per_gateway": [g.to_json() for g in self.per_gateway],
         }
 
@@ -246,6 +250,7 @@ def accuracy_of(
     unit_cost = 1.0
     if limit.unit == "tokens":
         unit_cost = float(max((o.tokens or 0 for o in admitted), default=1) or 1)
+    peak, peak_at = _peak_excess(outcomes, limit)
     kinds = Counter(o.kind for o in outcomes)
     errors = {k: n for k, n in sorted(kinds.items()) if k not in ("admitted", "limited")}
     return Accuracy(
@@ -261,11 +266,35 @@ def accuracy_of(
         error_kinds=errors,
         admitted_units=_units(admitted, limit.unit),
         unit_cost=unit_cost,
+        peak_excess=peak,
+        peak_excess_at=peak_at,
         per_gateway=tuple(
             GatewayCounts.of(g, [o for o in outcomes if o.gateway == g], limit.unit)
             for g in range(gateways)
         ),
     )
+
+
+def _peak_excess(outcomes: Sequence[Outcome], limit: LimitSpec) -> tuple[float, float]:
+    """The largest ``admitted(sent <= t) - limit.expected(t)`` over the run, and its ``t``.
+
+    ``t`` is seconds after the first send; each admitted request counts at its send time,
+    with its final cost (tokens used). Positive: some prefix of the run admitted more than
+    the limit allows over that prefix (a token reservation below the usage, reconciled only
+    after the answer, does this while answers are in flight; the debt is repaid later).
+    """
+    ordered = sorted(outcomes, key=lambda o: o.sent)
+    t0 = ordered[0].sent
+    admitted = 0.0
+    peak, peak_at = -limit.burst, 0.0
+    for o in ordered:
+        if not o.is_admitted:
+            continue
+        admitted += (o.tokens or 0) if limit.unit == "tokens" else 1
+        excess = admitted - limit.expected(o.sent - t0)
+        if excess > peak:
+            peak, peak_at = excess, o.sent - t0
+    return peak, peak_at
 
 
 ACCURACY_HEADER = [
@@ -349,6 +378,9 @@ class OverheadRun:
     gateway_cpu: float  # seconds, the gateway that took the load
     redis_cpu: float  # seconds
     backend_cpu: float  # seconds
+    redis_connections: int = 0  # connections Redis accepted during the run
+    redis_scripts: int = 0  # rate-limit scripts Redis ran during the run
+    fallback: int = 0  # decisions the gateway took without Redis (call_timeout missed)
 
     @property
     def label(self) -> str:
@@ -382,6 +414,9 @@ class OverheadRun:
             "backend_cpu_s": round(self.backend_cpu, 3),
             "gateway_cpu_us_per_request": r(self.gateway_us_per_request),
             "redis_cpu_us_per_request": r(self.redis_us_per_request),
+            "redis_connections": self.redis_connections,
+            "redis_scripts": self.redis_scripts,
+            "fallback_decisions": self.fallback,
             "gateway_cpu_share": round(self.gateway_cpu / self.wrk.duration, 3)
             if self.wrk.duration > 0
             else None,
@@ -434,6 +469,7 @@ def overhead_summary(runs: Sequence[OverheadRun]) -> dict[str, Any]:
             "errors": sum(r.wrk.errors for r in mine),
             "gateway_cpu_us_per_request": _round(_median([r.gateway_us_per_request for r in mine])),
             "redis_cpu_us_per_request": _round(_median([r.redis_us_per_request for r in mine])),
+            "fallback": sum(r.fallback for r in mine),
         }
     ratios = [_run_ratios(on, off) for on, off in _pairs(runs)]
     out["ratios"] = [{k: _round(v, 3) for k, v in r.items()} for r in ratios]
@@ -455,7 +491,8 @@ def _round(x: float | None, n: int = 1) -> float | None:
 
 OVERHEAD_HEADER = [
     "limiting", "repeat", "order", "req/s", "p50 ms", "p99 ms", "errors", "gw CPU µs/req",
-    "gw CPU %", "redis CPU µs/req", "ratio req/s", "ratio p50", "ratio p99", "ratio gw CPU",
+    "gw CPU %", "redis CPU µs/req", "redis scripts", "redis conns", "fallback", "ratio req/s",
+    "ratio p50", "ratio p99", "ratio gw CPU",
 ]  # fmt: skip
 
 
@@ -487,6 +524,9 @@ def overhead_rows(runs: Sequence[OverheadRun]) -> list[list[str]]:
                 _f(run.gateway_us_per_request, ".0f"),
                 _f(share, ".0f"),
                 _f(run.redis_us_per_request, ".0f"),
+                str(run.redis_scripts),
+                str(run.redis_connections),
+                f"{run.fallback} !" if run.fallback else "0",
                 *(_f(None if rt is None else rt[k], ".2f") for k in _KEYS),
             ]
         )
@@ -508,6 +548,9 @@ def overhead_rows(runs: Sequence[OverheadRun]) -> list[list[str]]:
                 _f(m["gateway_cpu_us_per_request"], ".0f"),
                 "-",
                 _f(m["redis_cpu_us_per_request"], ".0f"),
+                "-",
+                "-",
+                str(m["fallback"]),
                 *(_f(None if mr is None else mr[k], ".2f") for k in _KEYS),
             ]
         )

@@ -612,6 +612,11 @@ class ResilientStore:
         return self._degraded
 
     @property
+    def primary(self) -> RateLimitStore:
+        """The store this one protects (the Redis store)."""
+        return self._primary
+
+    @property
     def breaker(self) -> Breaker:
         """The breaker around the primary."""
         return self._breaker

@@ -220,6 +220,7 @@ class GatewayServer:
         )
         identify = TenantStage(cfg.tenants)
         self.ratelimit_store = self._make_ratelimit_store()
+        await self._warm_redis()
         ratelimit = RateLimitStage(
             cfg.rate_limits,
             self.ratelimit_store,
@@ -283,6 +284,26 @@ class GatewayServer:
             call_timeout=rc.call_timeout,
             on_degraded=degraded,
         )
+
+    async def _warm_redis(self, connections: int = 32) -> None:
+        """Open the control Redis connections before traffic arrives.
+
+        Each Redis call has a budget of ``redis.call_timeout`` (20 ms); a burst that finds the
+        pool empty would spend it connecting, trip the breaker and push the gateway into local
+        fallback for ``breaker_reset_timeout`` (seen in bench/ratelimit_bench.py). A Redis that
+        is down at start is not an error: the breaker and the fallback handle it.
+        """
+        store = self.ratelimit_store
+        if not isinstance(store, ResilientStore):
+            return
+        primary = store.primary
+        if not isinstance(primary, RedisStore):
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(*(primary.client.ping() for _ in range(connections)))
+        except Exception as exc:  # any failure here only means a cold pool
+            log.warning("control Redis not reachable at start (%s); limiting locally", exc)
 
     async def _start_health_checks(self) -> None:
         hc = self.config.upstream.health
