@@ -29,9 +29,9 @@ import enum
 import heapq
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -518,6 +518,7 @@ class TroublePolicy:
 
 
 _DEFAULT_TROUBLE = TroublePolicy()
+_T = TypeVar("_T")
 CLOSE_TIMEOUT = 1.0
 """Seconds ``ResilientStore.close()`` waits for the primary (a hung Redis must not stall
 shutdown)."""
@@ -573,6 +574,7 @@ class ResilientStore:
         "_degraded_mark",
         "_fallback",
         "_last_error",
+        "_late",
         "_on_degraded",
         "_primary",
         "_trouble",
@@ -596,6 +598,7 @@ class ResilientStore:
         self._fallback = fallback
         self._breaker = breaker
         self._call_timeout = call_timeout
+        self._late: set[asyncio.Future[Any]] = set()  # primary calls that overran the budget
         self._trouble = trouble
         self._on_degraded = on_degraded
         self._degraded = breaker.state is not BreakerState.CLOSED
@@ -610,6 +613,37 @@ class ResilientStore:
     def is_degraded(self) -> bool:
         """True while the breaker around the primary is not CLOSED."""
         return self._degraded
+
+    async def _bounded(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Await a primary call for at most ``call_timeout`` seconds without cancelling it.
+
+        A call that runs late is left to finish in the background instead of being
+        cancelled: redis-py closes a connection whose command was cancelled mid-reply, and
+        under load the reconnects that follow (connect, HELLO, CLIENT SETINFO) overran the
+        budget in turn, opening the breaker for seconds (bench/ratelimit_bench.py, overhead).
+        The late call still counts in Redis, so the request is counted twice (in Redis and in
+        the fallback): conservative, never over the limit.
+
+        Raises:
+            TimeoutError: no answer within ``call_timeout``.
+        """
+        task = asyncio.ensure_future(coro)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._call_timeout)
+        except TimeoutError:
+            self._late.add(task)
+            task.add_done_callback(self._late_done)
+            raise
+        except asyncio.CancelledError:
+            if not task.done():
+                self._late.add(task)
+                task.add_done_callback(self._late_done)
+            raise
+
+    def _late_done(self, task: asyncio.Future[Any]) -> None:
+        self._late.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a late failure was already counted as a timeout
 
     @property
     def primary(self) -> RateLimitStore:
@@ -651,8 +685,7 @@ class ResilientStore:
         if self._breaker.try_acquire():
             success: bool | None = None
             try:
-                async with asyncio.timeout(self._call_timeout):
-                    decision = await self._primary.charge(key, cost, limit, force=force)
+                decision = await self._bounded(self._primary.charge(key, cost, limit, force=force))
                 success = True
                 return decision
             except Exception as exc:
@@ -694,8 +727,7 @@ class ResilientStore:
         if self._breaker.try_acquire():
             success: bool | None = None
             try:
-                async with asyncio.timeout(self._call_timeout):
-                    grant = await self._primary.acquire_slot(key, lease, capacity, ttl)
+                grant = await self._bounded(self._primary.acquire_slot(key, lease, capacity, ttl))
                 success = True
                 return grant
             except Exception as exc:
@@ -720,8 +752,7 @@ class ResilientStore:
             return
         success: bool | None = None
         try:
-            async with asyncio.timeout(self._call_timeout):
-                await self._primary.release_slot(key, lease)
+            await self._bounded(self._primary.release_slot(key, lease))
             success = True
         except Exception as exc:
             success = False
@@ -732,7 +763,9 @@ class ResilientStore:
 
     async def close(self) -> None:
         """Close the primary (within ``CLOSE_TIMEOUT`` seconds; errors are logged, not
-        raised) and the fallback."""
+        raised) and the fallback; late primary calls still running are cancelled."""
+        for task in list(self._late):
+            task.cancel()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._primary.close()
