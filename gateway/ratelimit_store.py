@@ -518,6 +518,12 @@ class TroublePolicy:
 
 
 _DEFAULT_TROUBLE = TroublePolicy()
+
+
+class _LateCall(Exception):
+    """A primary call missed its budget and goes on in the background (``_bounded``)."""
+
+
 _T = TypeVar("_T")
 CLOSE_TIMEOUT = 1.0
 """Seconds ``ResilientStore.close()`` waits for the primary (a hung Redis must not stall
@@ -558,7 +564,10 @@ class ResilientStore:
         fallback: the in-process store used in trouble.
         breaker: guards the primary; its ``fail_max`` and ``reset_timeout`` set how fast
             the store gives up on Redis and how often it probes it again.
-        call_timeout: seconds per primary call (connect included), e.g. 0.02.
+        call_timeout: seconds per primary call (connect included), e.g. 0.02: past it the
+            request is answered without Redis.
+        hang_timeout: seconds after which a late primary call is cancelled and counted as a
+            breaker failure (a late call that succeeds before it counts as a success).
         trouble: the default policy; each call can pass its own.
         on_degraded: called with True on entering degraded mode, False on leaving it;
             must not raise.
@@ -570,9 +579,11 @@ class ResilientStore:
     __slots__ = (
         "_breaker",
         "_call_timeout",
+        "_closing",
         "_degraded",
         "_degraded_mark",
         "_fallback",
+        "_hang_timeout",
         "_last_error",
         "_late",
         "_on_degraded",
@@ -589,6 +600,7 @@ class ResilientStore:
         *,
         breaker: Breaker,
         call_timeout: float = 0.02,
+        hang_timeout: float = 0.5,
         trouble: TroublePolicy = _DEFAULT_TROUBLE,
         on_degraded: Callable[[bool], None] | None = None,
     ) -> None:
@@ -599,6 +611,8 @@ class ResilientStore:
         self._breaker = breaker
         self._call_timeout = call_timeout
         self._late: set[asyncio.Future[Any]] = set()  # primary calls that overran the budget
+        self._hang_timeout = hang_timeout
+        self._closing = False
         self._trouble = trouble
         self._on_degraded = on_degraded
         self._degraded = breaker.state is not BreakerState.CLOSED
@@ -617,33 +631,60 @@ class ResilientStore:
     async def _bounded(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Await a primary call for at most ``call_timeout`` seconds without cancelling it.
 
-        A call that runs late is left to finish in the background instead of being
-        cancelled: redis-py closes a connection whose command was cancelled mid-reply, and
-        under load the reconnects that follow (connect, HELLO, CLIENT SETINFO) overran the
-        budget in turn, opening the breaker for seconds (bench/ratelimit_bench.py, overhead).
-        The late call still counts in Redis, so the request is counted twice (in Redis and in
-        the fallback): conservative, never over the limit.
+        A call that runs late is left to finish in the background, and the breaker hears its
+        outcome when it ends: a late success is no failure, an error is, and a call still
+        running after ``hang_timeout`` is cancelled and counted as one. Two lessons from
+        bench/ratelimit_bench.py (overhead) behind this: redis-py closes a connection whose
+        command was cancelled mid-reply, and the reconnects that followed overran the budget
+        in turn; and on a busy event loop a Redis reply can wait past 20 ms in our own queue,
+        which says nothing about Redis. Either way the breaker opened for seconds while Redis
+        was fine. The caller still answers within ``call_timeout`` (from the fallback), and
+        the late call still counts in Redis: counted twice, never over the limit.
 
         Raises:
-            TimeoutError: no answer within ``call_timeout``.
+            _LateCall: no answer within ``call_timeout``; the breaker slot stays taken until
+                the call ends.
         """
         task = asyncio.ensure_future(coro)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self._call_timeout)
         except TimeoutError:
+            self.errors_total += 1
+            self._last_error = f"no answer within {self._call_timeout * 1000:g} ms"
             self._late.add(task)
-            task.add_done_callback(self._late_done)
-            raise
+            timer = asyncio.get_running_loop().call_later(self._hang_timeout, task.cancel)
+            task.add_done_callback(lambda t: self._late_done(t, timer))
+            raise _LateCall from None
         except asyncio.CancelledError:
-            if not task.done():
+            if not task.done():  # the client left: let the call finish, judge nothing
                 self._late.add(task)
-                task.add_done_callback(self._late_done)
+                task.add_done_callback(lambda t: self._late_done(t, None))
             raise
 
-    def _late_done(self, task: asyncio.Future[Any]) -> None:
+    async def settle(self) -> None:
+        """Wait until every late primary call has ended and been judged (for tests and for
+        an orderly shutdown; a hung call ends at ``hang_timeout``)."""
+        while self._late:
+            await asyncio.gather(*list(self._late), return_exceptions=True)
+
+    def _late_done(self, task: asyncio.Future[Any], timer: asyncio.TimerHandle | None) -> None:
         self._late.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a late failure was already counted as a timeout
+        if timer is None:  # a call the client abandoned: its breaker slot was released
+            if not task.cancelled():
+                task.exception()
+            return
+        timer.cancel()
+        if self._closing:
+            self._breaker.release(success=None)
+        elif task.cancelled():  # hung past hang_timeout
+            self._last_error = f"no answer within {self._hang_timeout:g} s"
+            self._breaker.release(success=False)
+        elif (exc := task.exception()) is not None:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._breaker.release(success=False)
+        else:
+            self._breaker.release(success=True)
+        self._observe()
 
     @property
     def primary(self) -> RateLimitStore:
@@ -684,15 +725,19 @@ class ResilientStore:
         cost = _check_cost(cost)
         if self._breaker.try_acquire():
             success: bool | None = None
+            judged_later = False
             try:
                 decision = await self._bounded(self._primary.charge(key, cost, limit, force=force))
                 success = True
                 return decision
+            except _LateCall:
+                judged_later = True  # the breaker hears when the call ends (see _bounded)
             except Exception as exc:
                 success = False
                 self._failed(exc)
             finally:
-                self._breaker.release(success=success)
+                if not judged_later:
+                    self._breaker.release(success=success)
                 self._observe()
         policy = trouble or self._trouble
         self.degraded_total += 1
@@ -726,15 +771,19 @@ class ResilientStore:
         _check_slot(capacity, ttl)
         if self._breaker.try_acquire():
             success: bool | None = None
+            judged_later = False
             try:
                 grant = await self._bounded(self._primary.acquire_slot(key, lease, capacity, ttl))
                 success = True
                 return grant
+            except _LateCall:
+                judged_later = True
             except Exception as exc:
                 success = False
                 self._failed(exc)
             finally:
-                self._breaker.release(success=success)
+                if not judged_later:
+                    self._breaker.release(success=success)
                 self._observe()
         policy = trouble or self._trouble
         self.degraded_total += 1
@@ -751,19 +800,24 @@ class ResilientStore:
         if not self._breaker.try_acquire():
             return
         success: bool | None = None
+        judged_later = False
         try:
             await self._bounded(self._primary.release_slot(key, lease))
             success = True
+        except _LateCall:
+            judged_later = True
         except Exception as exc:
             success = False
             self._failed(exc)
         finally:
-            self._breaker.release(success=success)
+            if not judged_later:
+                self._breaker.release(success=success)
             self._observe()
 
     async def close(self) -> None:
         """Close the primary (within ``CLOSE_TIMEOUT`` seconds; errors are logged, not
         raised) and the fallback; late primary calls still running are cancelled."""
+        self._closing = True
         for task in list(self._late):
             task.cancel()
         try:

@@ -373,12 +373,17 @@ class CountingStore:
         self.entered = asyncio.Event()
         self.fail: Exception | None = None
         self.hang = False
+        self._unhang = asyncio.Event()
+
+    def release_hang(self) -> None:
+        """Let the calls that hang go on."""
+        self._unhang.set()
 
     async def _enter(self) -> None:
         self.calls += 1
         self.entered.set()
         if self.hang:
-            await asyncio.Event().wait()
+            await self._unhang.wait()
         if self.fail is not None:
             raise self.fail
         assert self.inner is not None
@@ -525,12 +530,19 @@ async def test_hung_redis_is_cut_off_by_the_call_budget(
         durations.append(took)
         assert result is None or result.source is Source.FALLBACK
     assert all(took < BUDGET for took in durations)
-    assert all(took >= 0.015 for took in durations[:3])  # each waited out its 20 ms budget
-    assert r.primary.calls == 1 + 3
-    assert store.breaker.state is BreakerState.OPEN
-    assert store.errors_total == 3
+    assert all(took >= 0.015 for took in durations)  # each waited out its 20 ms budget
+    assert r.primary.calls == 1 + 5
+    assert store.errors_total == 5
     assert store.degraded_total == 4
-    assert "no answer within 20 ms" in str(store.snapshot()["last_error"])
+    # Late calls are judged when they end: a hung one after hang_timeout (0.5 s), as a failure.
+    assert store.breaker.state is BreakerState.CLOSED
+    async with asyncio.timeout(5):
+        await store.settle()
+    assert store.breaker.state is BreakerState.OPEN
+    assert "no answer within 0.5 s" in str(store.snapshot()["last_error"])
+    result, took = await timed(store.charge("acme", 1, limit))
+    assert took < 0.01  # the breaker is open: Redis is not asked at all
+    assert r.primary.calls == 1 + 5
 
     server.resume()
     await redis_client_of(r).ping()
@@ -603,12 +615,29 @@ async def test_any_primary_error_is_answered_never_raised(manual_clock: ManualCl
 
 
 async def test_hanging_primary_is_cut_off_at_the_budget(manual_clock: ManualClock) -> None:
-    r = make_resilient(manual_clock, call_timeout=0.01)
+    r = make_resilient(manual_clock, call_timeout=0.01, hang_timeout=0.05)
     r.primary.hang = True
     decision, took = await timed(r.store.charge("k", 1, Limit(rate=1, burst=5)))
     assert decision.source is Source.FALLBACK
     assert 0.009 <= took < BUDGET
-    assert r.store.breaker.snapshot()["failures"] == 1
+    assert r.store.breaker.snapshot()["failures"] == 0  # judged when the late call ends
+    async with asyncio.timeout(5):
+        await r.store.settle()
+    assert r.store.breaker.snapshot()["failures"] == 1  # still hanging at hang_timeout
+
+
+async def test_a_late_success_is_no_breaker_failure(manual_clock: ManualClock) -> None:
+    r = make_resilient(
+        manual_clock, MemoryStore(clock=manual_clock), call_timeout=0.01, hang_timeout=5.0
+    )
+    r.primary.hang = True
+    decision = await r.store.charge("k", 1, Limit(rate=1, burst=5))
+    assert decision.source is Source.FALLBACK  # answered within the budget, without Redis
+    r.primary.release_hang()
+    async with asyncio.timeout(5):
+        await r.store.settle()
+    assert r.store.breaker.snapshot()["failures"] == 0
+    assert r.store.breaker.state is BreakerState.CLOSED
 
 
 async def test_a_cancelled_call_counts_no_failure_and_is_not_swallowed(
