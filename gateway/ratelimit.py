@@ -129,6 +129,7 @@ __all__ = [
     "estimate_tokens",
 ]
 
+MAX_ESTIMATED_BODY = 64 * 1024  # bytes: larger request bodies are estimated, not read
 SLOT_TTL = 600.0  # seconds a concurrency lease lives if its gateway dies before releasing it
 _CHARS_PER_TOKEN = 4  # the usual English estimate (OpenAI tokenizer guidance)
 
@@ -302,11 +303,16 @@ class RateLimitStage:
                 await self._refuse(ex, policy, decision, charged)
             charged.append((f"{base}|{kind}", 1, limit))
             decisions.append(decision)
-        if policy.tokens is not None:
-            body = await ex.request.read() if ex.request.body_exists else b""
-            reserve = min(
-                estimate_tokens(body, policy.default_max_tokens), int(policy.tokens.burst)
-            )
+        request = ex.request
+        if policy.tokens is not None and request.body_exists:  # no body: no model is asked
+            length = request.content_length
+            body = b""
+            if length is not None and length <= MAX_ESTIMATED_BODY:
+                body = await request.read()  # cached by aiohttp: the forwarder reuses it
+                estimate = estimate_tokens(body, policy.default_max_tokens)
+            else:  # large or chunked: never buffered here; estimate from the length alone
+                estimate = (length or 0) // 4 + policy.default_max_tokens
+            reserve = min(estimate, int(policy.tokens.burst))
             decision = await store.charge(f"{base}|tpm", reserve, policy.tokens, trouble=trouble)
             if not decision.allowed:
                 await self._refuse(ex, policy, decision, charged)

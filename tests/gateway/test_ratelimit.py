@@ -236,3 +236,21 @@ async def test_two_gateways_share_one_limit_through_redis(
     two, _ = await make(policy, redis_url=redis_server.url)
     got = await statuses(one, A, 3) + await statuses(two, A, 3)
     assert got.count(200) == 4
+
+
+async def test_bodyless_requests_reserve_no_tokens_and_large_bodies_are_not_buffered(
+    make: Factory,
+) -> None:
+    base, _ = await make({"tokens_per_minute": 300, "default_max_tokens": 100})
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):  # 5 x 100 would exceed 300 if GETs reserved tokens
+            async with session.get(f"{base}/x", headers=A) as resp:
+                assert resp.status == 200
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(40):  # 2.5 MiB, chunked: estimated from nothing, never read whole
+                yield b"{" + b" " * 65534 + b"}"
+
+        async with session.post(f"{base}/x", data=chunks(), headers=A) as resp:
+            assert resp.status < 500  # the upstream's own answer (its 413); no gateway error
+            assert resp.headers.get("X-Request-Id")
