@@ -41,6 +41,7 @@ __all__ = [
     "SECONDS",
     "AdminConfig",
     "BreakerConfig",
+    "CacheConfig",
     "ConfigError",
     "GatewayConfig",
     "GatewaySection",
@@ -54,6 +55,7 @@ __all__ = [
     "ResidencyConfig",
     "RetryBudgetConfig",
     "RetryConfig",
+    "RouteCacheConfig",
     "RouteConfig",
     "TenantConfig",
     "TimeoutsConfig",
@@ -297,6 +299,22 @@ class RetryConfig(_Model):
     backoff_cap: Duration = 250 * MS
 
 
+class RouteCacheConfig(_Model):
+    """A route's cache policy.
+
+    ``http``: an RFC 9111 shared cache for GET and HEAD (freshness, Vary, revalidation,
+    stale-while-revalidate / stale-if-error, invalidation after unsafe methods). Entries of
+    a zone are only stored in that zone's Redis (``redis.cache``) and in process.
+
+    Usage::
+
+        cache: {policy: http, max_entry_bytes: 1MiB}
+    """
+
+    policy: Literal["none", "http"] = "none"
+    max_entry_bytes: Size = 1 * MIB  # larger answers are passed through, not stored
+
+
 class RouteConfig(_Model):
     """One route: requests whose host and path prefix match go to ``service``'s regions.
 
@@ -314,6 +332,7 @@ class RouteConfig(_Model):
     # "none": keys are not looked at.
     auth: Literal["required", "optional", "none"] = "none"
     rate_limit: str | None = None  # policy for tenants without one of their own for the route
+    cache: RouteCacheConfig = RouteCacheConfig()
 
 
 class HealthConfig(_Model):
@@ -425,12 +444,22 @@ class TenantConfig(_Model):
 
 
 class RedisConfig(_Model):
-    """Redis servers: ``control`` holds counters with no user data (rate limits)."""
+    """Redis servers: ``control`` holds counters with no user data (rate limits); ``cache``
+    maps each zone to the Redis that may hold that zone's cache entries (user data: prompts,
+    answers), which must sit in that zone's regions."""
 
     control: str | None = None  # redis://host:port/db; None: in-process stores
+    cache: Mapping[Name, str] = {}  # zone -> redis://...; zones without one: in process only
     call_timeout: Duration = 20 * MS  # budget per Redis call before falling back
     breaker_fail_max: int = Field(default=3, ge=1)
     breaker_reset_timeout: Duration = 5 * SECONDS
+
+
+class CacheConfig(_Model):
+    """The in-process (L1) cache, shared by every cached route."""
+
+    l1_max_bytes: Size = 64 * MIB
+    l2_call_timeout: Duration = 50 * MS  # budget per zone-Redis call before it counts a miss
 
 
 class GatewayConfig(_Model):
@@ -445,6 +474,7 @@ class GatewayConfig(_Model):
     rate_limits: Mapping[Name, RateLimitPolicy] = {}
     tenants: tuple[TenantConfig, ...] = ()
     redis: RedisConfig = RedisConfig()
+    cache: CacheConfig = CacheConfig()
     source: Path | None = Field(default=None, exclude=True)  # the file it was loaded from
 
 
@@ -609,6 +639,9 @@ def _cross_checks(cfg: GatewayConfig, file: str) -> Iterator[ConfigIssue]:
                     yield ConfigIssue(
                         file, f"routes[{i}].methods[{j}]", f"{method!r} cannot be proxied"
                     )
+    for zone in cfg.redis.cache:
+        if zone not in zones:
+            yield ConfigIssue(file, f"redis.cache.{zone}", f"zone {zone!r} is not defined")
     policies = cfg.rate_limits
     for i, route in enumerate(cfg.routes):
         if route.rate_limit is not None and route.rate_limit not in policies:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
 
-    from aiohttp.web import BaseRequest
+    from aiohttp.web import BaseRequest, StreamResponse
+    from multidict import CIMultiDictProxy
 
+    from gateway.cache import ResponseCapture
     from gateway.routing import Route
     from gateway.tenants import Tenant
     from gateway.upstreams import Endpoint
 
-__all__ = ["Exchange"]
+__all__ = ["Exchange", "ResponseHook"]
+
+ResponseHook = Callable[["Exchange", int, "CIMultiDictProxy[str]"], "StreamResponse | None"]
 
 
 class Exchange:
@@ -33,6 +38,9 @@ class Exchange:
     __slots__ = (
         "attempts",
         "body_override",
+        "cache_result",
+        "cache_state",
+        "capture",
         "client_ip",
         "country",
         "endpoint",
@@ -42,6 +50,7 @@ class Exchange:
         "request",
         "request_id",
         "response_headers",
+        "response_hook",
         "route",
         "slot_lease",
         "start",
@@ -49,6 +58,8 @@ class Exchange:
         "strip_usage_chunk",
         "tenant",
         "token_reservation",
+        "upstream_extra_headers",
+        "upstream_headers",
         "upstream_status",
         "usage_tokens",
         "zone",
@@ -78,6 +89,12 @@ class Exchange:
         self.usage_tokens: int | None = None  # total tokens the upstream reported using
         self.body_override: bytes | None = None  # a stage rewrote the request body
         self.strip_usage_chunk = False  # the gateway asked for a usage chunk the client did not
+        self.cache_state: dict[str, Any] | None = None  # the cache stage's notes on this request
+        self.cache_result: str | None = None  # hit, miss, stale, revalidated, coalesced, ...
+        self.capture: ResponseCapture | None = None  # the cache's copy of the answer
+        self.response_hook: ResponseHook | None = None  # may answer instead (a 304 -> the entry)
+        self.upstream_extra_headers: list[tuple[str, str]] = []  # e.g. If-None-Match
+        self.upstream_headers: CIMultiDictProxy[str] | None = None  # the answer's, as received
 
     def __repr__(self) -> str:
         route = self.route.prefix if self.route else None

@@ -141,6 +141,14 @@ class Metrics:
             "times the control Redis went into trouble (breaker opened; local fallback)",
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "geogate_cache_lookups", "cache lookups by result "
+            "(hit, miss, stale, revalidated, coalesced, bypass) and zone",
+            ["result", "zone"], registry=r,
+        )  # fmt: skip
+        self.cache_stores = Counter(
+            "geogate_cache_stores", "answers stored in the cache, by zone", ["zone"], registry=r
+        )
         self.ejections = Counter(
             "geogate_upstream_ejections", "outlier-detection ejections",
             ["region", "endpoint"], registry=r,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from gateway.errors import MethodNotAllowed, RouteNotFound
+from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -73,19 +74,29 @@ class LocalReply:
     Args:
         status: HTTP status.
         body: response body bytes.
-        headers: response header fields.
+        headers: response header fields (a multidict keeps repeated fields).
     """
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+    ):
         self.status = status
         self.body = body
         self.headers = headers or {}
 
     async def send(self, ex: Exchange) -> web.StreamResponse:
         """Build the aiohttp response for ``ex`` (the server writes it)."""
-        return web.Response(status=self.status, body=self.body, headers=self.headers)
+        ex.status = self.status
+        headers = CIMultiDict(self.headers)
+        headers["X-Request-Id"] = ex.request_id
+        if ex.zone is not None:
+            headers["X-Residency-Zone"] = ex.zone
+        return web.Response(status=self.status, body=self.body, headers=headers)
 
 
 class Stage(Protocol):
@@ -144,7 +155,16 @@ class Pipeline:
                 entered.append(stage)
                 if (reply := await stage.on_request(ex)) is not None:
                     return await reply.send(ex)
-            return await self._forwarder.forward(ex)
+            try:
+                return await self._forwarder.forward(ex)
+            except GatewayError as err:
+                # a stage may answer instead of an upstream failure (stale-if-error)
+                for stage in reversed(entered):
+                    on_error = getattr(stage, "on_error", None)
+                    if on_error is not None and (reply := on_error(ex, err)) is not None:
+                        response: web.StreamResponse = await reply.send(ex)
+                        return response
+                raise
         finally:
             for stage in reversed(entered):
                 stage.on_complete(ex)

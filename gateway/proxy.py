@@ -205,6 +205,8 @@ class HttpForwarder:
             headers["X-Tenant-Id"] = ex.tenant.id
         if ex.body_override is not None:
             headers["Content-Length"] = str(len(ex.body_override))
+        for name, value in ex.upstream_extra_headers:  # e.g. the cache's If-None-Match
+            headers[name] = value
         peer = request.remote
         proto = request.scheme
         host = request.host
@@ -377,6 +379,13 @@ class HttpForwarder:
                         self._finish(lease, success=False, result=f"status_{status // 100}xx")
                         lease, holding_retry = retry, True
                         continue
+                ex.upstream_headers = upstream.headers
+                if ex.response_hook is not None:
+                    local = ex.response_hook(ex, status, upstream.headers)
+                    if local is not None:  # answered from elsewhere (a 304 -> the entry)
+                        upstream.release()
+                        self._finish(lease, success=True, result=f"status_{status // 100}xx")
+                        return local
                 return await self._stream_back(ex, route, upstream, data, lease, deadline)
         finally:
             if holding_retry:
@@ -534,10 +543,16 @@ class HttpForwarder:
         try:
             async with asyncio.timeout_at(min(loop.time() + idle, deadline)) as timer:
                 headers = self._response_headers(ex, upstream)
+                capture = ex.capture
+                if capture is not None:
+                    capture.start(status, upstream.headers)  # as received, not as sent
                 if data is not None:
                     del headers["Content-Length"]
                     if ex.token_reservation:
                         ex.usage_tokens = usage_from_json(data)
+                    if capture is not None:
+                        capture.feed(data)
+                        capture.finish()
                     ex.status = status
                     return web.Response(
                         status=status, reason=upstream.reason, body=data, headers=headers
@@ -557,12 +572,18 @@ class HttpForwarder:
                             chunk = tap.feed(chunk)
                         if chunk:
                             await prepared.write(chunk)
+                            if capture is not None:
+                                capture.feed(chunk)
                         timer.reschedule(min(loop.time() + idle, deadline))
                 if tap is not None:
                     if rest := tap.flush():
                         await prepared.write(rest)
+                        if capture is not None:
+                            capture.feed(rest)
                     ex.usage_tokens = tap.usage
                 await prepared.write_eof()
+                if capture is not None:
+                    capture.finish()
                 return prepared
         except TimeoutError as exc:
             phase = "total" if loop.time() >= deadline else "idle"

@@ -23,6 +23,8 @@ from aiohttp.web_protocol import RequestHandler
 from gateway.admin import build_admin_app
 from gateway.breaker import Breaker, BreakerState
 from gateway.budget import RetryBudget
+from gateway.cache import CacheStage
+from gateway.cachestore import MemoryCache, RedisCache, ZoneCaches
 from gateway.clock import LoopClock
 from gateway.dns import TTLResolver
 from gateway.errors import (
@@ -38,7 +40,7 @@ from gateway.geo import GeoDatabase
 from gateway.health import HealthChecker, ProbeSettings
 from gateway.locate import LocateStage
 from gateway.metrics import Metrics, UpstreamStateCollector
-from gateway.pipeline import BackgroundTasks, Pipeline
+from gateway.pipeline import BackgroundTasks, Pipeline, Stage
 from gateway.proxy import HttpForwarder
 from gateway.ratelimit import LocalStore, PolicyStore, RateLimitStage
 from gateway.ratelimit_store import MemoryStore, RedisStore, ResilientStore
@@ -155,6 +157,7 @@ class GatewayServer:
         self.health: HealthChecker | None = None
         self.tasks = BackgroundTasks()
         self.ratelimit_store: PolicyStore | None = None
+        self.caches: ZoneCaches | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -228,7 +231,12 @@ class GatewayServer:
             tasks=self.tasks,
             always_headers=cfg.gateway.ratelimit_headers == "always",
         )
-        self._pipeline = Pipeline(self.routes, [identify, locate, ratelimit], forwarder)
+        stages: list[Stage] = [identify, locate, ratelimit]
+        cached = {r.prefix: r.cache.max_entry_bytes for r in cfg.routes if r.cache.policy == "http"}
+        if cached:
+            self.caches = self._make_caches(max(cached.values()))
+            stages.append(CacheStage(self.caches, cached, metrics=self.metrics, tasks=self.tasks))
+        self._pipeline = Pipeline(self.routes, stages, forwarder)
         limits = cfg.gateway.limits
         server = _Server(
             self._handle,
@@ -284,6 +292,16 @@ class GatewayServer:
             call_timeout=rc.call_timeout,
             on_degraded=degraded,
         )
+
+    def _make_caches(self, max_entry_bytes: int) -> ZoneCaches:
+        """L1 in process; an L2 per zone that ``redis.cache`` maps to its own Redis."""
+        cfg = self.config
+        l1 = MemoryCache(max_bytes=cfg.cache.l1_max_bytes, max_entry_bytes=max_entry_bytes)
+        l2 = {
+            zone: RedisCache.from_url(zone, url, max_entry_bytes=max_entry_bytes)
+            for zone, url in cfg.redis.cache.items()
+        }
+        return ZoneCaches(l1, l2, call_timeout=cfg.cache.l2_call_timeout)
 
     async def _warm_redis(self, connections: int = 32) -> None:
         """Open the control Redis connections before traffic arrives.
@@ -418,6 +436,9 @@ class GatewayServer:
             await self._admin_runner.cleanup()
             self._admin_runner = None
         await self.tasks.drain(1.0)
+        if self.caches is not None:
+            await self.caches.close()
+            self.caches = None
         if self.ratelimit_store is not None:
             await self.ratelimit_store.close()
             self.ratelimit_store = None
