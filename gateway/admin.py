@@ -9,6 +9,7 @@ Routes:
     GET  /status                   regions, endpoints, health, ejections, breakers, drain state
     POST /regions/{region}/drain   no new requests to the region; in-flight ones finish
     POST /regions/{region}/undrain
+    POST /cache/purge              {"key"|"route_prefix"|"tenant"|"zone": ...} -> {"removed": n}
     GET  /metrics                  Prometheus text exposition format
 """
 
@@ -22,6 +23,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.cachestore import PurgeIncomplete
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_bytes
 
 if TYPE_CHECKING:
@@ -89,6 +91,28 @@ def build_admin_app(server: GatewayServer, token: str | None) -> web.Application
             return _problem(404, "No such region", "unknown-region", f"region {name!r}")
         return _json({"region": name, "drained": drained})
 
+    async def purge(request: web.Request) -> web.Response:
+        caches = server.caches
+        if caches is None:
+            return _problem(404, "No cache", "no-cache", "no route has a cache policy")
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError:
+            return _problem(400, "Bad request", "bad-request", "the body is not JSON")
+        allowed = {"key", "route_prefix", "tenant", "zone"}
+        if not isinstance(body, dict) or not body or set(body) - allowed:
+            return _problem(
+                400, "Bad request", "bad-request",
+                "give one or more of key, route_prefix, tenant, zone",
+            )  # fmt: skip
+        if not all(isinstance(v, str) for v in body.values()):
+            return _problem(400, "Bad request", "bad-request", "every filter is a string")
+        try:
+            removed = await caches.purge(**body)
+        except PurgeIncomplete as exc:
+            return _json({"removed": exc.removed, "failed_zones": sorted(exc.failed)}, status=502)
+        return _json({"removed": removed})
+
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest(server.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -97,5 +121,6 @@ def build_admin_app(server: GatewayServer, token: str | None) -> web.Application
     app.router.add_get("/status", status)
     app.router.add_post("/regions/{region}/drain", drain)
     app.router.add_post("/regions/{region}/undrain", undrain)
+    app.router.add_post("/cache/purge", purge)
     app.router.add_get("/metrics", metrics)
     return app

@@ -56,6 +56,7 @@ class Origin:
 
 
 Factory = Callable[[], Awaitable[str]]
+ADMIN: dict[str, str] = {}  # gateway URL -> its admin URL
 
 
 @pytest.fixture
@@ -77,12 +78,15 @@ async def gw(origin: tuple[Origin, Any], tmp_path: Path) -> AsyncIterator[str]:
                                   "endpoints": [f"http://127.0.0.1:{server.port}"]}},
         "routes": [{"prefix": "/", "cache": {"policy": "http"}}],
         "upstream": {"health": {"enabled": False}},
+        "admin": {"listen": "127.0.0.1:0"},
     }  # fmt: skip
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(raw))
     gateway = GatewayServer(load_config(path))
     await gateway.start()
     host, port = gateway.bound[0]
+    admin_host, admin_port = gateway.admin_bound[0]
+    ADMIN[f"http://{host}:{port}"] = f"http://{admin_host}:{admin_port}"
     yield f"http://{host}:{port}"
     await gateway.stop(0)
 
@@ -187,3 +191,17 @@ async def test_stale_if_error_serves_the_stale_entry_when_the_origin_is_gone(
 async def test_only_if_cached_miss_is_504(gw: str) -> None:
     status, _, _ = await get(gw, "/fresh", **{"Cache-Control": "only-if-cached"})
     assert status == 504
+
+
+async def test_admin_purge_by_route_prefix(gw: str, origin: tuple[Origin, Any]) -> None:
+    o, _ = origin
+    await get(gw, "/fresh")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{ADMIN[gw]}/cache/purge", json={"route_prefix": "/"}) as r:
+            assert r.status == 200
+            assert (await r.json())["removed"] >= 1
+        async with s.post(f"{ADMIN[gw]}/cache/purge", json={"colour": "red"}) as r:
+            assert r.status == 400
+    _, headers, _ = await get(gw, "/fresh")
+    assert headers["Cache-Status"].startswith("geogate; fwd=uri-miss")
+    assert o.calls["/fresh"] == 2
