@@ -303,16 +303,24 @@ class RouteCacheConfig(_Model):
     """A route's cache policy.
 
     ``http``: an RFC 9111 shared cache for GET and HEAD (freshness, Vary, revalidation,
-    stale-while-revalidate / stale-if-error, invalidation after unsafe methods). Entries of
-    a zone are only stored in that zone's Redis (``redis.cache``) and in process.
+    stale-while-revalidate / stale-if-error, invalidation after unsafe methods).
+    ``llm-exact``: exact-match answers for deterministic LLM POSTs (OpenAI chat completions,
+    LangServe invoke/stream), replayed as JSON or SSE. Entries of a zone are only stored in
+    that zone's Redis (``redis.cache``) and in process.
 
     Usage::
 
         cache: {policy: http, max_entry_bytes: 1MiB}
     """
 
-    policy: Literal["none", "http"] = "none"
+    policy: Literal["none", "http", "llm-exact"] = "none"
     max_entry_bytes: Size = 1 * MIB  # larger answers are passed through, not stored
+    # llm-exact only:
+    ttl: Duration = 3600 * SECONDS  # an answer is served fresh this long
+    stale_if_error: Duration = 0 * SECONDS  # ... and this much longer when the upstream fails
+    default_temperature: float | None = None  # the backend's when a body sends none; None: unknown
+    share_scope: str | None = None  # tenants naming the same scope share entries; None: per tenant
+    ignore_fields: tuple[str, ...] = ("user", "metadata")  # body fields left out of the key
 
 
 class RouteConfig(_Model):

@@ -38,6 +38,7 @@ from gateway.exchange import Exchange
 from gateway.forwarded import TrustedProxies
 from gateway.geo import GeoDatabase
 from gateway.health import HealthChecker, ProbeSettings
+from gateway.llmcache import LlmCachePolicy, LlmCacheStage
 from gateway.locate import LocateStage
 from gateway.metrics import Metrics, UpstreamStateCollector
 from gateway.pipeline import BackgroundTasks, Pipeline, Stage
@@ -232,10 +233,32 @@ class GatewayServer:
             always_headers=cfg.gateway.ratelimit_headers == "always",
         )
         stages: list[Stage] = [identify, locate, ratelimit]
-        cached = {r.prefix: r.cache.max_entry_bytes for r in cfg.routes if r.cache.policy == "http"}
-        if cached:
-            self.caches = self._make_caches(max(cached.values()))
-            stages.append(CacheStage(self.caches, cached, metrics=self.metrics, tasks=self.tasks))
+        http_cached = {
+            r.prefix: r.cache.max_entry_bytes for r in cfg.routes if r.cache.policy == "http"
+        }
+        llm_cached = {
+            r.prefix: LlmCachePolicy(
+                ttl=r.cache.ttl,
+                stale_if_error=r.cache.stale_if_error,
+                max_entry_bytes=r.cache.max_entry_bytes,
+                default_temperature=r.cache.default_temperature,
+                share_scope=r.cache.share_scope,
+                ignore_fields=r.cache.ignore_fields,
+            )
+            for r in cfg.routes
+            if r.cache.policy == "llm-exact"
+        }
+        if http_cached or llm_cached:
+            sizes = [*http_cached.values(), *(p.max_entry_bytes for p in llm_cached.values())]
+            self.caches = self._make_caches(max(sizes))
+        if self.caches is not None and http_cached:
+            stages.append(
+                CacheStage(self.caches, http_cached, metrics=self.metrics, tasks=self.tasks)
+            )
+        if self.caches is not None and llm_cached:
+            stages.append(
+                LlmCacheStage(self.caches, llm_cached, metrics=self.metrics, tasks=self.tasks)
+            )
         self._pipeline = Pipeline(self.routes, stages, forwarder)
         limits = cfg.gateway.limits
         server = _Server(
