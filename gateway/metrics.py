@@ -21,10 +21,11 @@ from gateway.outlier import OutlierState
 
 if TYPE_CHECKING:
     from gateway.budget import RetryBudget
+    from gateway.cachestore import MemoryCache
     from gateway.exchange import Exchange
     from gateway.upstreams import Upstreams
 
-__all__ = ["Metrics", "UpstreamStateCollector"]
+__all__ = ["CacheStateCollector", "Metrics", "UpstreamStateCollector"]
 
 
 _STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -92,6 +93,28 @@ class UpstreamStateCollector(Collector):
         )
         retries.add_metric([], float(self._budget.retries_in_flight))
         yield retries
+
+
+class CacheStateCollector(Collector):
+    """Scrape-time gauges of the in-process cache (L1): stored bytes and entries.
+
+    Args:
+        l1: the MemoryCache.
+    """
+
+    def __init__(self, l1: MemoryCache) -> None:
+        self._l1 = l1
+
+    def collect(self) -> Iterator[Metric]:
+        stored = GaugeMetricFamily(
+            "geogate_cache_stored_bytes", "bytes held by the in-process cache", labels=["tier"]
+        )
+        stored.add_metric(["l1"], float(self._l1.stored_bytes))
+        entries = GaugeMetricFamily(
+            "geogate_cache_entries", "entries held by the in-process cache", labels=["tier"]
+        )
+        entries.add_metric(["l1"], float(self._l1.entries))
+        yield from (stored, entries)
 
 
 class Metrics:

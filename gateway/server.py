@@ -40,7 +40,7 @@ from gateway.geo import GeoDatabase
 from gateway.health import HealthChecker, ProbeSettings
 from gateway.llmcache import LlmCachePolicy, LlmCacheStage
 from gateway.locate import LocateStage
-from gateway.metrics import Metrics, UpstreamStateCollector
+from gateway.metrics import CacheStateCollector, Metrics, UpstreamStateCollector
 from gateway.pipeline import BackgroundTasks, Pipeline, Stage
 from gateway.proxy import HttpForwarder
 from gateway.ratelimit import LocalStore, PolicyStore, RateLimitStage
@@ -251,6 +251,7 @@ class GatewayServer:
         if http_cached or llm_cached:
             sizes = [*http_cached.values(), *(p.max_entry_bytes for p in llm_cached.values())]
             self.caches = self._make_caches(max(sizes))
+            self.metrics.registry.register(CacheStateCollector(self.caches.l1))
         if self.caches is not None and http_cached:
             stages.append(
                 CacheStage(self.caches, http_cached, metrics=self.metrics, tasks=self.tasks)

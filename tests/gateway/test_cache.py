@@ -205,3 +205,7 @@ async def test_admin_purge_by_route_prefix(gw: str, origin: tuple[Origin, Any]) 
     _, headers, _ = await get(gw, "/fresh")
     assert headers["Cache-Status"].startswith("geogate; fwd=uri-miss")
     assert o.calls["/fresh"] == 2
+    async with aiohttp.ClientSession() as s, s.get(f"{ADMIN[gw]}/metrics") as r:
+        text = await r.text()
+    assert 'geogate_cache_lookups_total{result="miss",zone="global"} 2.0' in text
+    assert 'geogate_cache_stored_bytes{tier="l1"}' in text
