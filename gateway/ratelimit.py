@@ -391,6 +391,8 @@ class RateLimitStage:
             ex.slot_lease = None
             self._tasks.spawn(self._store.release_slot(*lease))
         reserved = ex.token_reservation
+        if reserved and ex.cache_result in ("hit", "coalesced", "stale"):
+            ex.usage_tokens = 0  # answered from the cache: no model spent a token
         if reserved and policy.tokens is not None and ex.usage_tokens is not None:
             assert ex.route is not None
             assert ex.tenant is not None

@@ -60,6 +60,7 @@ async def make(origin: tuple[Counter[str], Any], tmp_path: Path) -> AsyncIterato
     started: list[GatewayServer] = []
 
     async def factory(**cache: Any) -> str:
+        policy = cache.pop("_policy", None)
         raw = {
             "gateway": {"region": "us-east-1", "listen": "127.0.0.1:0", "geodb": str(DB),
                         "trusted_proxies": ["127.0.0.0/8"]},
@@ -75,6 +76,9 @@ async def make(origin: tuple[Counter[str], Any], tmp_path: Path) -> AsyncIterato
             "redis": {"cache": cache.pop("_redis", {})},
         }  # fmt: skip
         raw["routes"][0]["cache"].pop("_redis", None)
+        if policy is not None:
+            raw["rate_limits"] = {"p": policy}
+            raw["routes"][0]["rate_limit"] = "p"
         path = tmp_path / f"gw{len(started)}.yaml"
         path.write_text(yaml.safe_dump(raw))
         gateway = GatewayServer(load_config(path))
@@ -229,3 +233,14 @@ async def test_an_eu_entry_is_only_in_the_eu_redis(make: Make) -> None:
             await us_client.aclose()
         assert eu_keys
         assert us_keys == []
+
+
+async def test_cache_hits_spend_no_tokens(make: Make) -> None:
+    # each request reserves ~70 tokens (prompt/4 + max_tokens 64); 600 tokens/min would refuse
+    # the ninth if hits were charged: they are refunded, only the one model call counts
+    base = await make(_policy={"tokens_per_minute": 600, "default_max_tokens": 64})
+    statuses = [
+        (await post(base, "/v1/chat/completions", CHAT, Authorization=f"Bearer {KEY_A}"))[0]
+        for _ in range(15)
+    ]
+    assert statuses == [200] * 15
