@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,9 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.pipeline import BackgroundTasks
 
-__all__ = ["CacheStage", "ResponseCapture"]
+__all__ = ["CacheStage", "Fetch", "ResponseCapture"]
+
+Fetch = Callable[..., Awaitable["tuple[int, CIMultiDictProxy[str], bytes] | None"]]
 
 COALESCE_WAIT = 10.0  # seconds a coalesced request waits for the leader before going itself
 STALE_KEEP = 86400.0  # seconds an entry is kept past its freshness (for revalidation, stale)
@@ -118,7 +120,9 @@ class CacheStage:
         caches: L1 and the per-zone L2 stores.
         routes: route prefix -> max entry bytes, for routes with ``cache: http``.
         metrics: lookups by result and zone.
-        tasks: background work (L2 writes, revalidation bookkeeping).
+        tasks: background work (L2 writes, stale-while-revalidate refreshes).
+        fetch: the forwarder's ``fetch`` (a GET inside the request's zone), for
+            stale-while-revalidate refreshes; None: stale entries are served, not refreshed.
     """
 
     name = "cache"
@@ -130,12 +134,15 @@ class CacheStage:
         *,
         metrics: Metrics,
         tasks: BackgroundTasks,
+        fetch: Fetch | None = None,
     ) -> None:
         self._caches = caches
         self._routes = dict(routes)
         self._metrics = metrics
         self._tasks = tasks
+        self._fetch = fetch
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._refreshing: set[str] = set()
 
     def _key(self, ex: Exchange) -> str:
         request = ex.request
@@ -192,6 +199,7 @@ class CacheStage:
             status = cache_status("hit", ttl=decision.ttl, collapsed=collapsed)
             if decision.outcome is Outcome.STALE_WHILE_REVALIDATE:
                 status += "; detail=stale-while-revalidate"
+                self._refresh_in_background(ex, key, found)
             return _reply(found.entry, decision.age, status)
         if decision.outcome is Outcome.ONLY_IF_CACHED:
             self._count(ex, "miss")
@@ -213,6 +221,64 @@ class CacheStage:
         ex.capture = ResponseCapture(self._routes[route.prefix])
         ex.response_hook = self._on_upstream_response
         return None
+
+    def _refresh_in_background(self, ex: Exchange, key: str, found: _Lookup) -> None:
+        """RFC 5861 §3: after serving a stale entry, revalidate it off the request path."""
+        if self._fetch is None or key in self._refreshing or found.entry is None:
+            return
+        assert found.stored is not None
+        request = ex.request
+        headers = {name: value for name, value in found.stored.conditional_headers()}
+        for name, value in found.stored.vary:  # the variant's own request fields
+            if value is not None:
+                headers[name] = value
+        self._refreshing.add(key)
+        self._tasks.spawn(
+            self._refresh(key, found.entry, found.stored, tuple(ex.regions), ex.zone or "",
+                          request.raw_path, headers)
+        )  # fmt: skip
+
+    async def _refresh(
+        self,
+        key: str,
+        entry: CacheEntry,
+        stored: StoredResponse,
+        regions: tuple[str, ...],
+        zone: str,
+        target: str,
+        headers: dict[str, str],
+    ) -> None:
+        assert self._fetch is not None
+        try:
+            request_time = time.time()
+            got = await self._fetch(
+                regions, target, headers, zone=zone, within=10.0,
+                limit=self._routes.get(entry.route, 0),
+            )  # fmt: skip
+            if got is None:
+                return
+            status, resp_headers, body = got
+            response_time = time.time()
+            if status == 304:
+                fresh = stored.freshened(
+                    list(resp_headers.items()), request_time=request_time,
+                    response_time=response_time,
+                )  # fmt: skip
+                updated = _entry_of(entry, fresh) if fresh is not None else None
+            elif is_storable("GET", status, list(headers.items()), resp_headers):
+                new = StoredResponse.capture(
+                    "GET", status, list(headers.items()), resp_headers,
+                    body_length=len(body), request_time=request_time,
+                    response_time=response_time,
+                )  # fmt: skip
+                updated = _entry_of(entry, new, body=body)
+            else:
+                updated = None
+            if updated is not None:
+                self._caches.put_l1(updated)
+                await self._caches.put_l2(updated)
+        finally:
+            self._refreshing.discard(key)
 
     def _on_upstream_response(
         self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]
@@ -347,10 +413,13 @@ def _stored_of(entry: CacheEntry) -> StoredResponse | None:
         return None  # an entry this version cannot read: a miss
 
 
-def _entry_of(entry: CacheEntry, stored: StoredResponse) -> CacheEntry:
+def _entry_of(
+    entry: CacheEntry, stored: StoredResponse, *, body: bytes | None = None
+) -> CacheEntry:
     return CacheEntry(
         key=entry.key, variant=entry.variant, zone=entry.zone, route=entry.route,
-        tenant=entry.tenant, status=stored.status, headers=stored.headers, body=entry.body,
+        tenant=entry.tenant, status=stored.status, headers=stored.headers,
+        body=entry.body if body is None else body,
         meta=_meta_of(stored), stored_at=stored.response_time,
         expires_at=stored.response_time + max(0.0, stored.lifetime) + STALE_KEEP,
     )  # fmt: skip

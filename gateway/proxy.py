@@ -16,13 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.budget import RetryBudget, backoff_delay, parse_retry_after
@@ -434,6 +434,59 @@ class HttpForwarder:
             lease.release(None)
             raise
         return lease
+
+    async def fetch(
+        self,
+        regions: tuple[str, ...],
+        target: str,
+        headers: Mapping[str, str],
+        *,
+        zone: str,
+        within: float,
+        limit: int,
+    ) -> tuple[int, CIMultiDictProxy[str], bytes] | None:
+        """One GET on behalf of the gateway itself (a cache refresh), inside ``zone``.
+
+        The endpoint is chosen exactly as for client requests: only among ``regions``
+        (``ResidencyRules.regions_for(zone)``), available ones first, and the outcome feeds
+        outlier detection and the breaker. No retry.
+
+        Args:
+            regions: the zone's regions.
+            target: path and query, e.g. ``"/docs/a?x=1"``.
+            headers: request fields to send (validators, Vary'd fields); X-Residency-Zone is
+                set here.
+            zone: the residency zone.
+            within: seconds for the whole exchange.
+            limit: bytes of body read at most; a longer body gives None.
+
+        Returns:
+            (status, headers, body), or None when nothing could be fetched.
+        """
+        candidates = self._upstreams.candidates(regions)
+        lease = self._upstreams.acquire(candidates) if candidates else None
+        if lease is None:
+            return None
+        out_headers = {**headers, "X-Residency-Zone": zone, "Via": f"1.1 {self._via}"}
+        success: bool | None = None
+        try:
+            async with asyncio.timeout(within):
+                async with self._session.get(
+                    URL(lease.endpoint.origin + target, encoded=True),
+                    headers=out_headers,
+                    allow_redirects=False,
+                ) as upstream:
+                    body = await upstream.content.read(limit + 1)
+                    success = upstream.status < 500
+                    if len(body) > limit:
+                        return None
+                    return upstream.status, upstream.headers, body
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            success = False
+            log.info("background fetch of %s failed: %s", target, exc)
+            return None
+        finally:
+            self._finish(lease, success=success, result="background")
 
     def _finish(self, lease: Lease, *, success: bool | None, result: str) -> None:
         if lease.release(success):

@@ -254,7 +254,13 @@ class GatewayServer:
             self.metrics.registry.register(CacheStateCollector(self.caches.l1))
         if self.caches is not None and http_cached:
             stages.append(
-                CacheStage(self.caches, http_cached, metrics=self.metrics, tasks=self.tasks)
+                CacheStage(
+                    self.caches,
+                    http_cached,
+                    metrics=self.metrics,
+                    tasks=self.tasks,
+                    fetch=forwarder.fetch,
+                )
             )
         if self.caches is not None and llm_cached:
             stages.append(

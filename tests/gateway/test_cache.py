@@ -49,6 +49,7 @@ class Origin:
             "/nostore": {"Cache-Control": "no-store"},
             "/vary": {"Cache-Control": "max-age=60", "Vary": "Accept-Language"},
             "/sie": {"Cache-Control": "max-age=0, stale-if-error=60"},
+            "/swr": {"Cache-Control": "max-age=1, stale-while-revalidate=60"},
         }.get(request.path, {})
         language = request.headers.get("Accept-Language", "")
         body = f"{request.path} {self.calls[request.path]} {language}"
@@ -209,3 +210,23 @@ async def test_admin_purge_by_route_prefix(gw: str, origin: tuple[Origin, Any]) 
         text = await r.text()
     assert 'geogate_cache_lookups_total{result="miss",zone="global"} 2.0' in text
     assert 'geogate_cache_stored_bytes{tier="l1"}' in text
+
+
+async def test_stale_while_revalidate_serves_stale_and_refreshes_in_the_background(
+    gw: str, origin: tuple[Origin, Any]
+) -> None:
+    o, _ = origin
+    _, _, first = await get(gw, "/swr")
+    await asyncio.sleep(1.1)  # max-age=1 has passed; stale-while-revalidate=60 has not
+    _, stale_headers, stale = await get(gw, "/swr")
+    assert stale == first  # served at once from the stale entry
+    assert "stale-while-revalidate" in stale_headers["Cache-Status"]
+    for _ in range(100):  # the refresh runs in the background
+        if o.calls["/swr"] == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert o.calls["/swr"] == 2
+    await asyncio.sleep(0.05)
+    _, fresh_headers, fresh = await get(gw, "/swr")
+    assert fresh_headers["Cache-Status"].startswith("geogate; hit")
+    assert fresh == "/swr 2 "  # the refreshed entry
