@@ -311,3 +311,49 @@ async def test_admin_drain_moves_traffic_and_requires_the_token(
     status = await gateway.status(session)
     assert status["regions"]["eu-west-1"]["drained"] is True
     assert await gateway.admin_post(session, "/regions/eu-west-1/undrain") == 200
+
+
+@pytest.fixture(scope="module")
+def caching_gateway(cluster: Cluster) -> Gateway:
+    config = cluster.gateway_config(
+        geodb=EMBEDDED_DB,
+        trusted=["127.0.0.1/32"],
+        name="failover-cache",
+        upstream={
+            "health": {"interval": "200ms", "timeout": "300ms", "healthy_threshold": 2,
+                       "unhealthy_threshold": 2},
+        },
+        route={"prefix": "/", "timeouts": {"connect": "500ms", "first_byte": "2s"},
+               "cache": {"policy": "llm-exact", "default_temperature": 0, "ttl": "1ms",
+                         "stale_if_error": "10m"}},
+        admin_token=TOKEN,
+    )  # fmt: skip
+    url = cluster.start_gateway(config)
+    return Gateway(url, cluster.admin_urls[url])
+
+
+async def test_stale_answer_is_served_while_the_zone_has_no_region(
+    caching_gateway: Gateway, cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    gw = caching_gateway
+    await wait_until(gw, session, all_healthy)
+    body = {"model": "geogate-chat", "messages": [{"role": "user", "content": "Residency?"}]}
+    headers = {"X-Forwarded-For": GB}
+    async with session.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status == 200
+        fresh = orjson.loads(await r.read())
+    for region in EU_REGIONS:
+        for url in cluster.endpoints[region]:
+            cluster.kill_backend(url)
+    await wait_until(
+        gw, session, lambda s: not any(s["regions"][r]["available"] for r in EU_REGIONS)
+    )
+    async with session.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status == 200  # instead of 503: the stale answer, within stale_if_error
+        assert "stale-if-error" in r.headers["Cache-Status"]
+        assert r.headers["X-Residency-Zone"] == "eu"
+        stale = orjson.loads(await r.read())
+    assert stale["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    other = {**body, "messages": [{"role": "user", "content": "Never asked before"}]}
+    async with session.post(f"{gw.url}/v1/chat/completions", json=other, headers=headers) as r:
+        assert r.status == 503  # nothing stored for this one: fail closed, naming the zone
