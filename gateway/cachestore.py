@@ -53,7 +53,7 @@ import re
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from heapq import heapify, heappop, heappush
 from typing import Any, TypeVar
@@ -63,7 +63,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.breaker import Breaker, BreakerState
+from gateway.breaker import Breaker
+from gateway.callguard import CallGuard
 from gateway.clock import Clock, LoopClock
 
 __all__ = [
@@ -922,154 +923,48 @@ class PurgeIncomplete(Exception):
         )
 
 
-class _LateCall(Exception):
-    """An L2 call missed its budget and goes on in the background (``_Guard.bounded``)."""
+class _DegradedLog:
+    """A zone's ``CallGuard.on_degraded``: one log line per transition, then the caller's
+    ``on_degraded(zone, degraded)``."""
 
-
-class _Guard:
-    """One zone's L2 behind a time budget and a breaker: ``ResilientStore``'s pattern."""
-
-    __slots__ = (
-        "breaker",
-        "cache",
-        "calls_total",
-        "closing",
-        "degraded",
-        "errors_total",
-        "last_error",
-        "late",
-        "on_degraded",
-        "owner",
-        "refused_total",
-    )
+    __slots__ = ("breaker", "guards", "on_degraded", "zone")
 
     def __init__(
         self,
-        cache: RedisCache,
+        zone: str,
         breaker: Breaker,
-        owner: ZoneCaches,
+        guards: Mapping[str, CallGuard],
         on_degraded: Callable[[str, bool], None] | None,
     ) -> None:
-        self.cache = cache
+        self.zone = zone
         self.breaker = breaker
-        self.owner = owner
+        self.guards = guards
         self.on_degraded = on_degraded
-        self.late: set[asyncio.Future[Any]] = set()
-        self.closing = False
-        self.degraded = breaker.state is not BreakerState.CLOSED
-        self.last_error = ""
-        self.calls_total = 0  # calls that went to Redis
-        self.errors_total = 0  # of those, failed or late
-        self.refused_total = 0  # calls the breaker kept from Redis
 
-    async def call(self, make: Callable[[], Coroutine[Any, Any, _T]], default: _T) -> _T:
-        """``make()``'s result within the budget, else ``default``; never raises for trouble
-        (``CancelledError`` propagates)."""
-        if not self.breaker.try_acquire():
-            self.refused_total += 1
-            return default
-        self.calls_total += 1
-        success: bool | None = None
-        judged_later = False
-        try:
-            result = await self.bounded(make())
-            success = True
-            return result
-        except _LateCall:
-            judged_later = True  # the breaker hears when the call ends
-        except Exception as exc:
-            success = False
-            self.errors_total += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if not judged_later:
-                self.breaker.release(success=success)
-            self.observe()
-        return default
-
-    async def bounded(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        # As ResilientStore._bounded, for the same reasons (bench/ratelimit_bench.py):
-        # cancelling a redis-py command mid-reply closes its connection, and the reconnects
-        # overran later budgets; a reply delayed by a busy loop says nothing about Redis.
-        # So a late call finishes in the background and is judged when it ends (cancelled
-        # and counted as a failure after hang_timeout).
-        task = asyncio.ensure_future(coro)
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.owner.call_timeout)
-        except TimeoutError:
-            self.errors_total += 1
-            self.last_error = f"no answer within {self.owner.call_timeout * 1000:g} ms"
-            self.late.add(task)
-            timer = asyncio.get_running_loop().call_later(self.owner.hang_timeout, task.cancel)
-            task.add_done_callback(lambda t: self._late_done(t, timer))
-            raise _LateCall from None
-        except asyncio.CancelledError:
-            if not task.done():  # the client left: let the call finish, judge nothing
-                self.late.add(task)
-                task.add_done_callback(lambda t: self._late_done(t, None))
-            raise
-
-    def _late_done(self, task: asyncio.Future[Any], timer: asyncio.TimerHandle | None) -> None:
-        self.late.discard(task)
-        if timer is None:
-            if not task.cancelled():
-                task.exception()
-            return
-        timer.cancel()
-        if self.closing:
-            self.breaker.release(success=None)
-            if not task.cancelled():
-                task.exception()
-        elif task.cancelled():
-            self.last_error = f"no answer within {self.owner.hang_timeout:g} s"
-            self.breaker.release(success=False)
-        elif (exc := task.exception()) is not None:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.breaker.release(success=False)
-        else:
-            self.breaker.release(success=True)
-        self.observe()
-
-    def observe(self) -> None:
-        degraded = self.breaker.state is not BreakerState.CLOSED
-        if degraded is self.degraded:
-            return
-        self.degraded = degraded
-        zone = self.cache.zone
+    def __call__(self, degraded: bool) -> None:
         if degraded:
             log.warning(
                 "cache: zone %s Redis unavailable (%s); L1 only, next try in %.1f s",
-                zone,
-                self.last_error,
+                self.zone,
+                self.guards[self.zone].last_error,
                 self.breaker.reopens_in() or 0.0,
             )
         else:
-            log.info("cache: zone %s Redis answers again", zone)
+            log.info("cache: zone %s Redis answers again", self.zone)
         if self.on_degraded is not None:
-            self.on_degraded(zone, degraded)
-
-    def snapshot(self) -> dict[str, object]:
-        return {
-            "degraded": self.degraded,
-            "breaker": self.breaker.snapshot(),
-            "calls_total": self.calls_total,
-            "errors_total": self.errors_total,
-            "refused_total": self.refused_total,
-            "foreign_total": self.cache.foreign_total,
-            "last_error": self.last_error,
-        }
+            self.on_degraded(self.zone, degraded)
 
 
 class ZoneCaches:
     """The cache the stage uses: L1 for every zone, plus each zone's own L2.
 
     Lookups try L1, then the request zone's L2 (if it has one); an L2 hit is promoted into
-    L1. Each L2 call runs under ``call_timeout`` and that zone's ``Breaker``: Redis trouble
-    (error, timeout, breaker open) is a miss for reads and a skipped write for puts, never
-    an exception and never a wait past the budget; while the breaker is OPEN Redis is not
-    asked at all. A call that overruns the budget finishes in the background and the breaker
-    hears its outcome then (cancelled and counted a failure after ``hang_timeout``), as in
-    ``ResilientStore``. ``CancelledError`` always propagates.
+    L1. Each L2 call goes through that zone's ``gateway.callguard.CallGuard`` (a time budget
+    and a ``Breaker``; its module docstring has the rules and why a late call is not
+    cancelled): Redis trouble (error, no answer within ``call_timeout``, breaker open) is a
+    miss for reads and a skipped write for puts, never an exception and never a wait past the
+    budget. ``CancelledError`` always propagates. A zone's degraded mode (its breaker not
+    CLOSED) is logged once on entering and once on leaving (``geogate.cache``).
 
     Vary lookups: ``variants(zone, key)`` returns L1's variants if L1 has any, else L2's; a
     request whose secondary key is not among them should then ``get(zone, key, variant)``,
@@ -1100,7 +995,7 @@ class ZoneCaches:
             break residency), or a timeout is not > 0.
     """
 
-    __slots__ = ("_guards", "_l1", "call_timeout", "hang_timeout", "purge_timeout")
+    __slots__ = ("_guards", "_l1", "_l2", "call_timeout", "hang_timeout", "purge_timeout")
 
     def __init__(
         self,
@@ -1127,7 +1022,8 @@ class ZoneCaches:
         self.purge_timeout = purge_timeout
         breakers = breakers or {}
         clock = clock or LoopClock()
-        self._guards: dict[str, _Guard] = {}
+        self._l2: dict[str, RedisCache] = {}
+        self._guards: dict[str, CallGuard] = {}
         for zone, cache in (l2 or {}).items():
             if cache.zone != zone:
                 raise ValueError(
@@ -1136,7 +1032,14 @@ class ZoneCaches:
             breaker = breakers.get(zone) or Breaker(
                 f"cache-l2 {zone}", fail_max=3, reset_timeout=5.0, clock=clock
             )
-            self._guards[zone] = _Guard(cache, breaker, self, on_degraded)
+            self._l2[zone] = cache
+            self._guards[zone] = CallGuard(
+                f"cache-l2 {zone}",
+                breaker,
+                call_timeout=call_timeout,
+                hang_timeout=hang_timeout,
+                on_degraded=_DegradedLog(zone, breaker, self._guards, on_degraded),
+            )
 
     @property
     def l1(self) -> MemoryCache:
@@ -1150,8 +1053,7 @@ class ZoneCaches:
 
     def l2(self, zone: str) -> RedisCache | None:
         """``zone``'s L2, or None."""
-        guard = self._guards.get(zone)
-        return guard.cache if guard is not None else None
+        return self._l2.get(zone)
 
     def breaker(self, zone: str) -> Breaker | None:
         """The breaker around ``zone``'s L2, or None."""
@@ -1171,7 +1073,8 @@ class ZoneCaches:
         guard = self._guards.get(zone)
         if guard is None:
             return None
-        entry = await guard.call(lambda: guard.cache.get(key, variant), None)
+        cache = self._l2[zone]
+        entry = await guard.call(lambda: cache.get(key, variant), None)
         if entry is None or entry.zone != zone:
             return None
         self._l1.put(entry)
@@ -1189,8 +1092,9 @@ class ZoneCaches:
         guard = self._guards.get(zone)
         if guard is None:
             return []
+        cache = self._l2[zone]
         empty: list[CacheEntry] = []
-        found = await guard.call(lambda: guard.cache.variants(key), empty)
+        found = await guard.call(lambda: cache.variants(key), empty)
         found = [e for e in found if e.zone == zone]
         for entry in found:
             self._l1.put(entry)
@@ -1214,7 +1118,8 @@ class ZoneCaches:
         guard = self._guards.get(entry.zone)
         if guard is None:
             return False
-        return await guard.call(lambda: guard.cache.put(entry), False)
+        cache = self._l2[entry.zone]
+        return await guard.call(lambda: cache.put(entry), False)
 
     async def put(self, entry: CacheEntry) -> None:
         """``put_l1`` then ``put_l2``."""
@@ -1233,7 +1138,8 @@ class ZoneCaches:
         removed = self._l1.purge(key=key, zone=zone)
         guard = self._guards.get(zone)
         if guard is not None:
-            removed += await guard.call(lambda: guard.cache.purge(key=key), 0)
+            cache = self._l2[zone]
+            removed += await guard.call(lambda: cache.purge(key=key), 0)
         return removed
 
     async def purge(
@@ -1259,12 +1165,12 @@ class ZoneCaches:
         """
         _check_filters(key, route_prefix, tenant, zone)
         removed = self._l1.purge(key=key, route_prefix=route_prefix, tenant=tenant, zone=zone)
-        guards = [g for z, g in self._guards.items() if zone is None or z == zone]
+        caches = [c for z, c in self._l2.items() if zone is None or z == zone]
 
-        async def one(guard: _Guard) -> int | str:
+        async def one(cache: RedisCache) -> int | str:
             try:
                 async with asyncio.timeout(self.purge_timeout):
-                    return await guard.cache.purge(
+                    return await cache.purge(
                         key=key, route_prefix=route_prefix, tenant=tenant, zone=zone
                     )
             except TimeoutError:
@@ -1273,9 +1179,9 @@ class ZoneCaches:
                 return f"{type(exc).__name__}: {exc}"
 
         failed: dict[str, str] = {}
-        for guard, result in zip(guards, await asyncio.gather(*map(one, guards)), strict=True):
+        for cache, result in zip(caches, await asyncio.gather(*map(one, caches)), strict=True):
             if isinstance(result, str):
-                failed[guard.cache.zone] = result
+                failed[cache.zone] = result
             else:
                 removed += result
         if failed:
@@ -1285,24 +1191,18 @@ class ZoneCaches:
     async def settle(self) -> None:
         """Wait until every late L2 call has ended and been judged (tests, shutdown)."""
         for guard in self._guards.values():
-            while guard.late:
-                await asyncio.gather(*list(guard.late), return_exceptions=True)
+            await guard.settle()
 
     async def close(self) -> None:
         """Cancel late L2 calls and close every L2 (each within ``CLOSE_TIMEOUT`` seconds;
         errors are logged, not raised)."""
-        for guard in self._guards.values():
-            guard.closing = True
-            for task in list(guard.late):
-                task.cancel()
-        for guard in self._guards.values():
-            if guard.late:
-                await asyncio.gather(*list(guard.late), return_exceptions=True)
+        await asyncio.gather(*(guard.close() for guard in self._guards.values()))
+        for cache in self._l2.values():
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await guard.cache.close()
+                    await cache.close()
             except Exception:
-                log.warning("cache: closing %r failed", guard.cache, exc_info=True)
+                log.warning("cache: closing %r failed", cache, exc_info=True)
 
     def snapshot(self) -> dict[str, object]:
         """JSON-ready state for the admin API and metrics.
@@ -1314,7 +1214,10 @@ class ZoneCaches:
         """
         return {
             "l1": self._l1.snapshot(),
-            "l2": {zone: guard.snapshot() for zone, guard in self._guards.items()},
+            "l2": {
+                zone: {**guard.snapshot(), "foreign_total": self._l2[zone].foreign_total}
+                for zone, guard in self._guards.items()
+            },
         }
 
     def __repr__(self) -> str:

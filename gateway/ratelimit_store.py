@@ -29,15 +29,16 @@ import enum
 import heapq
 import logging
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.breaker import Breaker, BreakerState
+from gateway.breaker import Breaker
+from gateway.callguard import CallGuard
 from gateway.gcra import EPSILON, Decision, Limit, Source, gcra_update
 
 if TYPE_CHECKING:
@@ -520,11 +521,6 @@ class TroublePolicy:
 _DEFAULT_TROUBLE = TroublePolicy()
 
 
-class _LateCall(Exception):
-    """A primary call missed its budget and goes on in the background (``_bounded``)."""
-
-
-_T = TypeVar("_T")
 CLOSE_TIMEOUT = 1.0
 """Seconds ``ResilientStore.close()`` waits for the primary (a hung Redis must not stall
 shutdown)."""
@@ -538,13 +534,11 @@ _SOURCES = {
 class ResilientStore:
     """A store (Redis) with a time budget per call, a breaker, and a local fallback.
 
-    Each primary call runs under ``asyncio.timeout(call_timeout)``. A timeout or any
-    exception from the primary counts as a breaker failure and the call is answered by the
-    policy's ``TroubleMode`` (FALLBACK answers from ``fallback`` with the limit scaled down).
-    While the breaker refuses (OPEN, or HALF_OPEN with its trial in flight) the primary is
-    not called at all, so a dead Redis costs nothing per request; after the breaker's
-    ``reset_timeout`` one trial call goes to the primary and, if it succeeds, Redis answers
-    again. ``CancelledError`` (the client left) is never swallowed and counts as no outcome.
+    Every primary call goes through a ``gateway.callguard.CallGuard`` (its module docstring
+    has the rules and why a late call is not cancelled): while the breaker refuses, on any
+    exception, and past ``call_timeout`` the call is answered at once by the policy's
+    ``TroubleMode`` (FALLBACK answers from ``fallback`` with the limit scaled down), and
+    nothing raises because of Redis. ``CancelledError`` (the client left) propagates.
 
     Degraded mode is the breaker not CLOSED. Entering and leaving it logs one line each
     (warning / info on ``geogate.ratelimit``) and calls ``on_degraded(True | False)`` (for a
@@ -556,8 +550,8 @@ class ResilientStore:
     fallback slots are not counted by Redis until they end (at most ``capacity x share``
     extra, for as long as they run).
 
-    A primary call that timed out may still have run in Redis (the charge counted there
-    but the answer came from the fallback): Redis can only over-count, never under-count.
+    A primary call that ran late may still count in Redis (the charge counted there but the
+    answer came from the fallback): Redis can only over-count, never under-count.
 
     Args:
         primary: the shared store (``RedisStore``).
@@ -573,24 +567,17 @@ class ResilientStore:
             must not raise.
 
     Raises:
-        ValueError: ``call_timeout`` not > 0.
+        ValueError: ``call_timeout`` or ``hang_timeout`` not > 0.
     """
 
     __slots__ = (
-        "_breaker",
-        "_call_timeout",
-        "_closing",
-        "_degraded",
         "_degraded_mark",
         "_fallback",
-        "_hang_timeout",
-        "_last_error",
-        "_late",
+        "_guard",
         "_on_degraded",
         "_primary",
         "_trouble",
         "degraded_total",
-        "errors_total",
     )
 
     def __init__(
@@ -604,87 +591,30 @@ class ResilientStore:
         trouble: TroublePolicy = _DEFAULT_TROUBLE,
         on_degraded: Callable[[bool], None] | None = None,
     ) -> None:
-        if not (0 < call_timeout < math.inf):
-            raise ValueError(f"call_timeout must be > 0 seconds, not {call_timeout}")
+        self._guard = CallGuard(
+            breaker.name,
+            breaker,
+            call_timeout=call_timeout,
+            hang_timeout=hang_timeout,
+            on_degraded=self._transition,
+        )
         self._primary = primary
         self._fallback = fallback
-        self._breaker = breaker
-        self._call_timeout = call_timeout
-        self._late: set[asyncio.Future[Any]] = set()  # primary calls that overran the budget
-        self._hang_timeout = hang_timeout
-        self._closing = False
         self._trouble = trouble
         self._on_degraded = on_degraded
-        self._degraded = breaker.state is not BreakerState.CLOSED
-        self._last_error = ""
         self._degraded_mark = 0  # degraded_total when degraded mode began
-        self.errors_total = 0
-        """Primary calls that failed or ran out of time (a counter, for metrics)."""
         self.degraded_total = 0
         """Calls answered without the primary: FALLBACK, OPEN or CLOSED (a counter)."""
 
     @property
     def is_degraded(self) -> bool:
         """True while the breaker around the primary is not CLOSED."""
-        return self._degraded
+        return self._guard.degraded
 
-    async def _bounded(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """Await a primary call for at most ``call_timeout`` seconds without cancelling it.
-
-        A call that runs late is left to finish in the background, and the breaker hears its
-        outcome when it ends: a late success is no failure, an error is, and a call still
-        running after ``hang_timeout`` is cancelled and counted as one. Two lessons from
-        bench/ratelimit_bench.py (overhead) behind this: redis-py closes a connection whose
-        command was cancelled mid-reply, and the reconnects that followed overran the budget
-        in turn; and on a busy event loop a Redis reply can wait past 20 ms in our own queue,
-        which says nothing about Redis. Either way the breaker opened for seconds while Redis
-        was fine. The caller still answers within ``call_timeout`` (from the fallback), and
-        the late call still counts in Redis: counted twice, never over the limit.
-
-        Raises:
-            _LateCall: no answer within ``call_timeout``; the breaker slot stays taken until
-                the call ends.
-        """
-        task = asyncio.ensure_future(coro)
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self._call_timeout)
-        except TimeoutError:
-            self.errors_total += 1
-            self._last_error = f"no answer within {self._call_timeout * 1000:g} ms"
-            self._late.add(task)
-            timer = asyncio.get_running_loop().call_later(self._hang_timeout, task.cancel)
-            task.add_done_callback(lambda t: self._late_done(t, timer))
-            raise _LateCall from None
-        except asyncio.CancelledError:
-            if not task.done():  # the client left: let the call finish, judge nothing
-                self._late.add(task)
-                task.add_done_callback(lambda t: self._late_done(t, None))
-            raise
-
-    async def settle(self) -> None:
-        """Wait until every late primary call has ended and been judged (for tests and for
-        an orderly shutdown; a hung call ends at ``hang_timeout``)."""
-        while self._late:
-            await asyncio.gather(*list(self._late), return_exceptions=True)
-
-    def _late_done(self, task: asyncio.Future[Any], timer: asyncio.TimerHandle | None) -> None:
-        self._late.discard(task)
-        if timer is None:  # a call the client abandoned: its breaker slot was released
-            if not task.cancelled():
-                task.exception()
-            return
-        timer.cancel()
-        if self._closing:
-            self._breaker.release(success=None)
-        elif task.cancelled():  # hung past hang_timeout
-            self._last_error = f"no answer within {self._hang_timeout:g} s"
-            self._breaker.release(success=False)
-        elif (exc := task.exception()) is not None:
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            self._breaker.release(success=False)
-        else:
-            self._breaker.release(success=True)
-        self._observe()
+    @property
+    def errors_total(self) -> int:
+        """Primary calls that failed or ran out of time (a counter, for metrics)."""
+        return self._guard.errors_total
 
     @property
     def primary(self) -> RateLimitStore:
@@ -694,7 +624,12 @@ class ResilientStore:
     @property
     def breaker(self) -> Breaker:
         """The breaker around the primary."""
-        return self._breaker
+        return self._guard.breaker
+
+    async def settle(self) -> None:
+        """Wait until every late primary call has ended and been judged (for tests and for
+        an orderly shutdown; a hung call ends at ``hang_timeout``)."""
+        await self._guard.settle()
 
     async def charge(
         self,
@@ -723,22 +658,11 @@ class ResilientStore:
             ValueError: ``cost`` is NaN or infinite (a caller bug; raised before any I/O).
         """
         cost = _check_cost(cost)
-        if self._breaker.try_acquire():
-            success: bool | None = None
-            judged_later = False
-            try:
-                decision = await self._bounded(self._primary.charge(key, cost, limit, force=force))
-                success = True
-                return decision
-            except _LateCall:
-                judged_later = True  # the breaker hears when the call ends (see _bounded)
-            except Exception as exc:
-                success = False
-                self._failed(exc)
-            finally:
-                if not judged_later:
-                    self._breaker.release(success=success)
-                self._observe()
+        decision = await self._guard.call(
+            lambda: self._primary.charge(key, cost, limit, force=force), None
+        )
+        if decision is not None:
+            return decision
         policy = trouble or self._trouble
         self.degraded_total += 1
         if policy.mode is TroubleMode.FALLBACK:
@@ -747,7 +671,7 @@ class ResilientStore:
             return dataclasses.replace(local, source=Source.FALLBACK)
         if policy.mode is TroubleMode.OPEN or cost < 0 or force:
             return Decision(True, math.floor(limit.burst), 0.0, 0.0, limit, _SOURCES[policy.mode])
-        return Decision(False, 0, self._breaker.reopens_in() or 1.0, 0.0, limit, Source.CLOSED)
+        return Decision(False, 0, self.breaker.reopens_in() or 1.0, 0.0, limit, Source.CLOSED)
 
     async def acquire_slot(
         self,
@@ -769,22 +693,11 @@ class ResilientStore:
             ValueError: ``capacity`` < 0 or ``ttl`` not > 0 (raised before any I/O).
         """
         _check_slot(capacity, ttl)
-        if self._breaker.try_acquire():
-            success: bool | None = None
-            judged_later = False
-            try:
-                grant = await self._bounded(self._primary.acquire_slot(key, lease, capacity, ttl))
-                success = True
-                return grant
-            except _LateCall:
-                judged_later = True
-            except Exception as exc:
-                success = False
-                self._failed(exc)
-            finally:
-                if not judged_later:
-                    self._breaker.release(success=success)
-                self._observe()
+        grant = await self._guard.call(
+            lambda: self._primary.acquire_slot(key, lease, capacity, ttl), None
+        )
+        if grant is not None:
+            return grant
         policy = trouble or self._trouble
         self.degraded_total += 1
         if policy.mode is TroubleMode.FALLBACK:
@@ -797,29 +710,12 @@ class ResilientStore:
         """Free ``lease`` in the fallback, then in the primary within the budget; never raises
         for Redis trouble (an unreleased Redis lease expires after its ttl)."""
         self._fallback.release_slot_nowait(key, lease)
-        if not self._breaker.try_acquire():
-            return
-        success: bool | None = None
-        judged_later = False
-        try:
-            await self._bounded(self._primary.release_slot(key, lease))
-            success = True
-        except _LateCall:
-            judged_later = True
-        except Exception as exc:
-            success = False
-            self._failed(exc)
-        finally:
-            if not judged_later:
-                self._breaker.release(success=success)
-            self._observe()
+        await self._guard.call(lambda: self._primary.release_slot(key, lease), None)
 
     async def close(self) -> None:
-        """Close the primary (within ``CLOSE_TIMEOUT`` seconds; errors are logged, not
-        raised) and the fallback; late primary calls still running are cancelled."""
-        self._closing = True
-        for task in list(self._late):
-            task.cancel()
+        """Cancel late primary calls, close the primary (within ``CLOSE_TIMEOUT`` seconds;
+        errors are logged, not raised) and the fallback."""
+        await self._guard.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._primary.close()
@@ -830,37 +726,25 @@ class ResilientStore:
     def snapshot(self) -> dict[str, object]:
         """JSON-ready state for the admin API: ``{"degraded": False, "breaker": {...},
         "errors_total": 0, "degraded_total": 0, "last_error": ""}``."""
+        guard = self._guard
         return {
-            "degraded": self._degraded,
-            "breaker": self._breaker.snapshot(),
-            "errors_total": self.errors_total,
+            "degraded": guard.degraded,
+            "breaker": guard.breaker.snapshot(),
+            "errors_total": guard.errors_total,
             "degraded_total": self.degraded_total,
-            "last_error": self._last_error,
+            "last_error": guard.last_error,
         }
 
-    def _failed(self, exc: Exception) -> None:
-        self.errors_total += 1
-        if isinstance(exc, TimeoutError):
-            self._last_error = f"no answer within {self._call_timeout * 1000:g} ms"
-        else:
-            self._last_error = f"{type(exc).__name__}: {exc}"
-
-    def _observe(self) -> None:
-        # Only our calls drive the breaker, so checking after each one sees every
-        # CLOSED <-> not-CLOSED transition exactly once.
-        degraded = self._breaker.state is not BreakerState.CLOSED
-        if degraded is self._degraded:
-            return
-        self._degraded = degraded
+    def _transition(self, degraded: bool) -> None:
         if degraded:
             self._degraded_mark = self.degraded_total
             log.warning(
                 "rate limits: Redis unavailable (%s); answering per policy without it, "
                 "default %s at share %g, next try in %.1f s",
-                self._last_error,
+                self._guard.last_error,
                 self._trouble.mode.value,
                 self._trouble.local_share,
-                self._breaker.reopens_in() or 0.0,
+                self.breaker.reopens_in() or 0.0,
             )
         else:
             log.info(
@@ -872,8 +756,8 @@ class ResilientStore:
             self._on_degraded(degraded)
 
     def __repr__(self) -> str:
-        state = "degraded" if self._degraded else "ok"
+        state = "degraded" if self.is_degraded else "ok"
         return (
-            f"<ResilientStore {state} primary={self._primary!r} breaker={self._breaker!r} "
+            f"<ResilientStore {state} primary={self._primary!r} breaker={self.breaker!r} "
             f"errors_total={self.errors_total} degraded_total={self.degraded_total}>"
         )
