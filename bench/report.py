@@ -4,12 +4,13 @@ Rule: this module computes and renders; it never starts a process, runs wrk or r
 (``bench/run.py`` does, and hands the numbers here).
 
 Why ratios and medians: the benchmark machine is shared and drifts 20-30 % between minutes,
-so an absolute req/s says little about the gateway. Each repeat measures the backend directly
-and through the gateway back to back; the per-repeat ratio gateway/direct cancels most of the
-drift, and the median over repeats (of the figures and of the per-repeat ratios) ignores one
-odd repeat. CPU per request (user + system time of a process divided by the requests completed
-in the run) does not depend on how busy the rest of the machine was, within the 10 ms
-resolution of ``/proc/<pid>/stat``.
+so an absolute req/s says little about the gateway. Each repeat measures the backend directly,
+through the gateway and (for cacheable scenarios) through a second gateway that answers from
+its cache, back to back; the per-repeat ratios (gateway/direct, gateway-cached/direct,
+gateway-cached/gateway) cancel most of the drift, and the median over repeats (of the figures
+and of the per-repeat ratios) ignores one odd repeat. CPU per request (user + system time of
+a process divided by the requests completed in the run) does not depend on how busy the rest
+of the machine was, within the 10 ms resolution of ``/proc/<pid>/stat``.
 
 Units: durations and latencies are float seconds in the dataclasses; JSON and tables name their
 unit in the key or header (``p50_ms``, ``gateway_cpu_us_per_request``).
@@ -25,8 +26,10 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "COMPARISONS",
     "SUMMARY_MARKER",
     "Ratio",
+    "Repeat",
     "Run",
     "ScenarioSummary",
     "Target",
@@ -48,6 +51,15 @@ class Target(StrEnum):
 
     DIRECT = "direct"  # wrk -> backend: the reference
     GATEWAY = "gateway"  # wrk -> gateway -> the same backend
+    GATEWAY_CACHED = "gateway-cached"  # wrk -> a second gateway answering from its llm-exact cache
+
+
+COMPARISONS: tuple[tuple[Target, Target], ...] = (
+    (Target.GATEWAY, Target.DIRECT),
+    (Target.GATEWAY_CACHED, Target.DIRECT),
+    (Target.GATEWAY_CACHED, Target.GATEWAY),  # a cache hit against the same request proxied
+)
+"""(target, reference) pairs whose per-repeat ratios are reported, when both were measured."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,6 +178,10 @@ class Run:
 
     CPU figures are user + system seconds, read from ``/proc/<pid>/stat`` right before and
     right after wrk (all threads of the process; 10 ms resolution at 100 Hz clock ticks).
+    ``gateway_cpu`` is the CPU of the gateway the run went through (gateway or
+    gateway-cached); in a direct run, of the idle gateways (their health probes), not reported
+    per request. ``cache_hits``: cache hits the gateway counted during the run (its /metrics),
+    for gateway-cached runs; None otherwise.
     """
 
     scenario: str
@@ -176,11 +192,12 @@ class Run:
     backend_cpu: float  # seconds
     wrk_cpu: float  # seconds
     seq: int = 0  # position in the whole benchmark, 0 first
+    cache_hits: int | None = None
 
     @property
     def gateway_us_per_request(self) -> float | None:
         """Gateway CPU microseconds per successful request; None in direct runs."""
-        if self.target is not Target.GATEWAY:
+        if self.target is Target.DIRECT:
             return None
         return _per_request_us(self.gateway_cpu, self.wrk.ok_requests)
 
@@ -197,7 +214,7 @@ class Run:
     @property
     def gateway_cpu_share(self) -> float | None:
         """Gateway CPU seconds per wall second: 1.0 is one core fully busy; None if direct."""
-        if self.target is not Target.GATEWAY or self.wrk.duration <= 0:
+        if self.target is Target.DIRECT or self.wrk.duration <= 0:
             return None
         return self.gateway_cpu / self.wrk.duration
 
@@ -218,30 +235,37 @@ class Run:
             "backend_cpu_us_per_request": r(self.backend_us_per_request),
             "wrk_cpu_us_per_request": r(self.wrk_us_per_request),
             "gateway_cpu_share": None if (s := self.gateway_cpu_share) is None else round(s, 3),
+            "cache_hits": self.cache_hits,
             "flagged": self.wrk.errors > 0,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class Ratio:
-    """Gateway figure divided by the direct figure of the same repeat.
+    """A run's figure divided by the reference run's figure of the same repeat.
 
-    ``rps`` below 1 and ``p50`` / ``p99`` above 1 mean the gateway costs something.
+    Against direct: ``rps`` below 1 and ``p50`` / ``p99`` above 1 mean the gateway costs
+    something. ``cpu``: gateway CPU per request over the reference's, when both went through
+    a gateway (gateway-cached against gateway: what a hit costs against a proxied request);
+    None otherwise.
     """
 
     rps: float
     p50: float
     p99: float
+    cpu: float | None = None
 
     @classmethod
-    def of(cls, gateway: WrkSummary, direct: WrkSummary) -> Ratio:
+    def of(cls, run: Run, reference: Run) -> Ratio:
         def div(a: float, b: float) -> float:
             return a / b if b > 0 else float("nan")
 
+        a, b = run.gateway_us_per_request, reference.gateway_us_per_request
         return cls(
-            rps=div(gateway.rps, direct.rps),
-            p50=div(gateway.p50, direct.p50),
-            p99=div(gateway.p99, direct.p99),
+            rps=div(run.wrk.rps, reference.wrk.rps),
+            p50=div(run.wrk.p50, reference.wrk.p50),
+            p99=div(run.wrk.p99, reference.wrk.p99),
+            cpu=None if a is None or b is None else div(a, b),
         )
 
     @classmethod
@@ -250,10 +274,14 @@ class Ratio:
             rps=statistics.median(r.rps for r in ratios),
             p50=statistics.median(r.p50 for r in ratios),
             p99=statistics.median(r.p99 for r in ratios),
+            cpu=_median_or_none(r.cpu for r in ratios),
         )
 
     def to_json(self) -> dict[str, float]:
-        return {"rps": round(self.rps, 3), "p50": round(self.p50, 3), "p99": round(self.p99, 3)}
+        out = {"rps": round(self.rps, 3), "p50": round(self.p50, 3), "p99": round(self.p99, 3)}
+        if self.cpu is not None:
+            out["cpu"] = round(self.cpu, 3)
+        return out
 
 
 def _median_or_none(values: Iterable[float | None]) -> float | None:
@@ -300,63 +328,85 @@ class TargetMedians:
         }
 
 
+def _label(comparison: tuple[Target, Target]) -> str:
+    return f"{comparison[0]}/{comparison[1]}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Repeat:
+    """One repeat of a scenario: a run per target and the ratios between them."""
+
+    repeat: int
+    runs: dict[Target, Run]  # in Target order
+    ratios: dict[tuple[Target, Target], Ratio]  # (target, reference) -> ratio, COMPARISONS order
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repeat": self.repeat,
+            "ratios": {_label(c): r.to_json() for c, r in self.ratios.items()},
+        }
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScenarioSummary:
-    """Per-repeat pairs and medians of one scenario."""
+    """Per-repeat runs and ratios of one scenario, and their medians per target."""
 
     scenario: str
-    pairs: tuple[tuple[Run, Run, Ratio], ...]  # (direct, gateway, ratio) per repeat
-    direct: TargetMedians
-    gateway: TargetMedians
-    ratio: Ratio  # median of the per-repeat ratios, not the ratio of the medians
+    targets: tuple[Target, ...]  # the targets measured, in Target order
+    repeats: tuple[Repeat, ...]
+    medians: dict[Target, TargetMedians]
+    ratios: dict[tuple[Target, Target], Ratio]  # medians of the per-repeat ratios
 
     @property
     def errors(self) -> int:
-        return self.direct.errors + self.gateway.errors
+        return sum(m.errors for m in self.medians.values())
 
     def to_json(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,
-            "repeats": [
-                {"repeat": d.repeat, "ratio": ratio.to_json()} for d, _, ratio in self.pairs
-            ],
+            "targets": [str(t) for t in self.targets],
+            "repeats": [r.to_json() for r in self.repeats],
             "median": {
-                "direct": self.direct.to_json(),
-                "gateway": self.gateway.to_json(),
-                "ratio": self.ratio.to_json(),
+                **{str(t): m.to_json() for t, m in self.medians.items()},
+                "ratios": {_label(c): r.to_json() for c, r in self.ratios.items()},
             },
         }
 
 
 def summarise(runs: Sequence[Run]) -> list[ScenarioSummary]:
-    """Pair each repeat's direct and gateway runs and take medians, scenario by scenario.
+    """Group each repeat's runs by target, take ratios and medians, scenario by scenario.
 
     Args:
-        runs: every measured run; scenarios keep the order of their first run. A repeat
-            missing either target (the run was interrupted) is left out.
+        runs: every measured run; scenarios keep the order of their first run. A scenario's
+            targets are those it has runs for; a repeat missing any of them (the run was
+            interrupted) is left out.
 
     Returns:
-        One summary per scenario that has at least one complete pair.
+        One summary per scenario that has at least one complete repeat.
     """
     by_key = {(r.scenario, r.repeat, r.target): r for r in runs}
     summaries: list[ScenarioSummary] = []
     for scenario in dict.fromkeys(r.scenario for r in runs):
-        repeats = sorted({r.repeat for r in runs if r.scenario == scenario})
-        pairs = []
-        for repeat in repeats:
-            direct = by_key.get((scenario, repeat, Target.DIRECT))
-            gateway = by_key.get((scenario, repeat, Target.GATEWAY))
-            if direct is not None and gateway is not None:
-                pairs.append((direct, gateway, Ratio.of(gateway.wrk, direct.wrk)))
-        if not pairs:
+        mine = [r for r in runs if r.scenario == scenario]
+        targets = tuple(t for t in Target if any(r.target is t for r in mine))
+        comparisons = [c for c in COMPARISONS if c[0] in targets and c[1] in targets]
+        repeats = []
+        for repeat in sorted({r.repeat for r in mine}):
+            group = {t: by_key.get((scenario, repeat, t)) for t in targets}
+            complete = {t: r for t, r in group.items() if r is not None}
+            if len(complete) < len(targets):
+                continue
+            ratios = {c: Ratio.of(complete[c[0]], complete[c[1]]) for c in comparisons}
+            repeats.append(Repeat(repeat=repeat, runs=complete, ratios=ratios))
+        if not repeats:
             continue
         summaries.append(
             ScenarioSummary(
                 scenario=scenario,
-                pairs=tuple(pairs),
-                direct=TargetMedians.of([d for d, _, _ in pairs]),
-                gateway=TargetMedians.of([g for _, g, _ in pairs]),
-                ratio=Ratio.median([ratio for _, _, ratio in pairs]),
+                targets=targets,
+                repeats=tuple(repeats),
+                medians={t: TargetMedians.of([r.runs[t] for r in repeats]) for t in targets},
+                ratios={c: Ratio.median([r.ratios[c] for r in repeats]) for c in comparisons},
             )
         )
     return summaries
@@ -366,6 +416,7 @@ HEADER = [
     "scenario", "repeat", "target", "req/s", "p50 ms", "p99 ms", "errors",
     "gw CPU µs/req", "gw CPU %", "backend CPU µs/req", "ratio req/s", "ratio p50", "ratio p99",
 ]  # fmt: skip
+CACHED_HEADER = ["cached/gw req/s", "cached/gw p50", "cached/gw p99", "cached/gw CPU"]
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -376,13 +427,26 @@ def _errors(count: int) -> str:
     return f"{count} !" if count else "0"
 
 
+def _ratio_cells(ratio: Ratio | None, *, cpu: bool = False) -> list[str]:
+    if ratio is None:
+        return ["-"] * (4 if cpu else 3)
+    cells = [_fmt(ratio.rps, ".2f"), _fmt(ratio.p50, ".2f"), _fmt(ratio.p99, ".2f")]
+    return [*cells, _fmt(ratio.cpu, ".2f")] if cpu else cells
+
+
 def _row(
-    scenario: str, repeat: str, target: Target, m: TargetMedians | Run, ratio: Ratio | None
+    scenario: str,
+    repeat: str,
+    target: Target,
+    m: TargetMedians | Run,
+    ratios: dict[tuple[Target, Target], Ratio],
+    *,
+    cached_columns: bool,
 ) -> list[str]:
     if isinstance(m, Run):
         m = TargetMedians.of([m])
     share = None if m.gateway_cpu_share is None else 100 * m.gateway_cpu_share
-    return [
+    row = [
         scenario,
         repeat,
         str(target),
@@ -393,33 +457,35 @@ def _row(
         _fmt(m.gateway_us_per_request, ".0f"),
         _fmt(share, ".0f"),
         _fmt(m.backend_us_per_request, ".0f"),
-        _fmt(None if ratio is None else ratio.rps, ".2f"),
-        _fmt(None if ratio is None else ratio.p50, ".2f"),
-        _fmt(None if ratio is None else ratio.p99, ".2f"),
+        *_ratio_cells(ratios.get((target, Target.DIRECT))),
     ]
+    if cached_columns:
+        row += _ratio_cells(ratios.get((target, Target.GATEWAY)), cpu=True)
+    return row
 
 
 def table_rows(summaries: Sequence[ScenarioSummary]) -> list[list[str]]:
-    """Rows of the results table, header first: each repeat's pair, then the medians.
+    """Rows of the results table, header first: each repeat's runs, then the medians.
 
-    Ratio columns sit on gateway rows; on a median row they hold the median of the
-    per-repeat ratios. An error count is followed by ``!``.
+    The ratio columns sit on the row of the run divided: ``ratio *`` against direct (on
+    gateway and gateway-cached rows), ``cached/gw *`` (only when some scenario measured
+    gateway-cached) the cached gateway against the uncached one, CPU per request included.
+    On a median row they hold the median of the per-repeat ratios. An error count is
+    followed by ``!``.
     """
-    rows = [HEADER]
+    cached = any(Target.GATEWAY_CACHED in s.targets for s in summaries)
+    rows = [HEADER + CACHED_HEADER if cached else list(HEADER)]
     for s in summaries:
-        for direct, gateway, ratio in s.pairs:
-            for run in sorted((direct, gateway), key=lambda r: r.seq):  # in the order they ran
+        for rep in s.repeats:
+            for run in sorted(rep.runs.values(), key=lambda r: r.seq):  # in the order they ran
                 rows.append(
-                    _row(
-                        s.scenario,
-                        str(run.repeat),
-                        run.target,
-                        run,
-                        ratio if run.target is Target.GATEWAY else None,
-                    )
-                )
-        rows.append(_row(s.scenario, "median", Target.DIRECT, s.direct, None))
-        rows.append(_row(s.scenario, "median", Target.GATEWAY, s.gateway, s.ratio))
+                    _row(s.scenario, str(run.repeat), run.target, run, rep.ratios,
+                         cached_columns=cached)
+                )  # fmt: skip
+        for target, medians in s.medians.items():
+            rows.append(
+                _row(s.scenario, "median", target, medians, s.ratios, cached_columns=cached)
+            )
     return rows
 
 

@@ -1,26 +1,41 @@
 """Benchmark the gateway against its own backend, interleaved, in one run: ``make bench``.
 
 ``python bench/run.py`` starts one backend (``python -m backend``, no artificial model delay)
-and one gateway in front of it (``python -m gateway gateway``), both on 127.0.0.1 with
-ephemeral ports, checks that each scenario answers 200 through the gateway with
-``X-Served-Region``, warms up, and then, for each repeat and scenario, runs wrk against the
-backend directly and through the gateway, one right after the other. Repeat 1 runs direct
-first, repeat 2 gateway first, and so on: alternating the order keeps a steady drift of the
-machine from always favouring the same target.
+and, in front of it, the gateways the targets need (``python -m gateway gateway``), all on
+127.0.0.1 with ephemeral ports. Targets (``--targets``, default all three):
+
+- ``direct``: wrk -> backend, the reference;
+- ``gateway``: wrk -> gateway -> backend, no cache on its route;
+- ``gateway-cached``: wrk -> a second gateway with the same config plus
+  ``cache: {policy: llm-exact, default_temperature: 0}`` on its route, so the chat body
+  (which sends no ``temperature``) is deterministic and answered from the cache. Only
+  scenarios that can be cached measure it (``chat``; ``health`` is a GET the llm-exact policy
+  never looks at, so it would measure the uncached gateway again).
+
+The harness checks that each scenario answers 200 with ``X-Served-Region`` (and ``Via``
+through a gateway); for gateway-cached it then sends the request again and requires
+``Cache-Status: geogate; hit`` (else it stops: the figures would be of proxied requests).
+It warms up through each gateway, then, for each repeat and scenario, runs wrk against each
+target one right after the other, rotating the order (repeat 1 direct first, repeat 2
+starting at the next target, ...): a steady drift of the machine then does not always favour
+the same target. Around each gateway-cached run it reads the cached gateway's
+``geogate_cache_lookups_total`` (``/metrics`` on an admin listener, read outside the CPU
+window) and stops if any lookup was not a hit or there were fewer hits than responses.
 
 Scenarios: ``health`` is ``GET /health``; ``chat`` is ``POST /v1/chat/completions`` with the
 fixed non-streaming body in ``bench/wrk/chat_body.json``. wrk's Lua ``done()``
 (``bench/wrk/summary.lua``) prints a JSON summary that is parsed instead of wrk's text.
 
-CPU per request: user + system time of the gateway (and of the backend) from
-``/proc/<pid>/stat``, read right before and right after each wrk run, divided by the
+CPU per request: user + system time of the gateway the run went through (and of the backend)
+from ``/proc/<pid>/stat``, read right before and right after each wrk run, divided by the
 responses with status < 400 in that run.
 
-Pinning (default when this process may use 2 CPUs or more): the gateway alone on the first
-allowed CPU; the backend, wrk and this harness on the second. Both targets then see the same
-backend on the same core, and the gateway's CPU neither steals from nor waits for the
-backend's; on a 2-core machine this made figures visibly steadier than letting the scheduler
-move three busy processes over two cores. ``--no-pin`` turns it off.
+Pinning (default when this process may use 2 CPUs or more): the gateways on the first allowed
+CPU (only one of them is busy at a time; the other idles); the backend, wrk and this harness
+on the second. All targets then see the same backend on the same core, and a gateway's CPU
+neither steals from nor waits for the backend's; on a 2-core machine this made figures
+visibly steadier than letting the scheduler move three busy processes over two cores.
+``--no-pin`` turns it off.
 
 Bounded and clean: every wrk run has a timeout (its duration + 30 s), start-up 60 s, stop
 15 s; the children are stopped (SIGTERM, then SIGKILL) on success, error, Ctrl-C or SIGTERM,
@@ -75,6 +90,7 @@ from bench.report import (  # noqa: E402
 __all__ = [
     "SCENARIOS",
     "Scenario",
+    "Services",
     "benchmark",
     "check_responses",
     "main",
@@ -91,11 +107,16 @@ REGION = "us-east-1"
 WRK_GRACE = 30.0  # seconds a wrk run may overrun its --duration before it is killed
 WRK_REQUEST_TIMEOUT = 5  # seconds: wrk --timeout, a slower response counts as a timeout error
 CHECK_TIMEOUT = 10.0  # seconds for each response of the pre-measurement check
+CACHE_HIT = "geogate; hit"  # how the cached gateway's Cache-Status starts on a hit
+GATEWAY_READY = re.compile(r"gateway \S+ listening on ([\d.]+:\d+)")
+ADMIN_READY = re.compile(r"admin listening on ([\d.]+:\d+)")
+_CACHE_LOOKUPS = re.compile(r"^geogate_cache_lookups_total\{([^}]*)\} (\S+)$", re.MULTILINE)
+_RESULT_LABEL = re.compile(r'result="([^"]*)"')
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scenario:
-    """One kind of request, sent the same way to both targets."""
+    """One kind of request, sent the same way to each of its targets."""
 
     name: str
     method: str
@@ -103,6 +124,7 @@ class Scenario:
     script: Path  # the wrk Lua script that sends it
     body: bytes | None = None
     content_type: str | None = None
+    targets: tuple[Target, ...] = (Target.DIRECT, Target.GATEWAY)  # those it can measure
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -114,13 +136,23 @@ SCENARIOS: dict[str, Scenario] = {
         script=WRK_DIR / "post_chat.lua",
         body=(WRK_DIR / "chat_body.json").read_bytes().strip(),
         content_type="application/json",
+        targets=tuple(Target),  # no temperature: deterministic at default_temperature 0
     ),
 }
+GATEWAY_TARGETS = (Target.GATEWAY, Target.GATEWAY_CACHED)
 
 
-def gateway_config(backend_url: str) -> dict[str, Any]:
-    """The gateway's config: region us-east-1 with the one backend, one catch-all route."""
-    return {
+def gateway_config(backend_url: str, *, cached: bool = False) -> dict[str, Any]:
+    """The gateway's config: region us-east-1 with the one backend, one catch-all route.
+
+    ``cached``: the route answers deterministic LLM POSTs from the llm-exact cache (bodies
+    without ``temperature`` count as temperature 0), and an admin listener serves
+    ``/metrics`` so that the harness can count the hits.
+    """
+    route: dict[str, Any] = {"prefix": "/"}
+    if cached:
+        route["cache"] = {"policy": "llm-exact", "default_temperature": 0}
+    config: dict[str, Any] = {
         "gateway": {
             "region": REGION,
             "listen": "127.0.0.1:0",
@@ -128,18 +160,31 @@ def gateway_config(backend_url: str) -> dict[str, Any]:
         },
         "residency": {"policy": str(ROOT / "config" / "residency.yaml")},
         "regions": {REGION: {"zones": ["us", "global"], "endpoints": [backend_url]}},
-        "routes": [{"prefix": "/"}],
+        "routes": [route],
     }
+    if cached:
+        config["admin"] = {"listen": "127.0.0.1:0"}
+    return config
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Services:
+    """The running processes and where each target answers."""
+
+    backend: Service
+    gateways: dict[Target, Service]  # gateway and/or gateway-cached, as the targets need
+    urls: dict[Target, str]  # base URL of each selected target
+    cache_metrics: str | None  # the cached gateway's /metrics URL; None when not started
 
 
 def start_services(
-    stack: contextlib.ExitStack, workdir: Path, pins: dict[str, frozenset[int] | None]
-) -> tuple[Service, Service, dict[Target, str]]:
-    """Start the backend, then the gateway in front of it; each is stopped when ``stack`` closes.
-
-    Returns:
-        (backend, gateway, base URL of each target).
-    """
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    pins: dict[str, frozenset[int] | None],
+    targets: Sequence[Target] = (Target.DIRECT, Target.GATEWAY),
+) -> Services:
+    """Start the backend, then the gateways ``targets`` need in front of it (both gateways on
+    ``pins["gateway"]``); each is stopped when ``stack`` closes, gateways first."""
     backend = Service(
         "backend",
         [sys.executable, "-m", "backend", "--region", REGION, "--zones", "us,global",
@@ -150,54 +195,144 @@ def start_services(
     stack.callback(backend.stop)
     backend_url = backend.wait_ready(re.compile(r"listening on (http://\S+)")).group(1)
 
-    config = workdir / "gateway.yaml"
-    config.write_text(json.dumps(gateway_config(backend_url), indent=2))  # JSON is YAML
-    gateway = Service(
-        "gateway",
-        [sys.executable, "-m", "gateway", "--log-level", "WARNING", "gateway", "-c", str(config)],
-        log_path=workdir / "gateway.log",
-        cpus=pins["gateway"],
+    gateways: dict[Target, Service] = {}
+    for target in (t for t in GATEWAY_TARGETS if t in targets):
+        name = str(target)
+        config = workdir / f"{name}.yaml"
+        cfg = gateway_config(backend_url, cached=target is Target.GATEWAY_CACHED)
+        config.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+        gateways[target] = Service(
+            name,
+            [sys.executable, "-m", "gateway", "--log-level", "WARNING", "gateway", "-c",
+             str(config)],
+            log_path=workdir / f"{name}.log",
+            cpus=pins["gateway"],
+        )  # fmt: skip
+        stack.callback(gateways[target].stop)  # the ExitStack stops gateways, then the backend
+    urls = {Target.DIRECT: backend_url} if Target.DIRECT in targets else {}
+    cache_metrics = None
+    for target, gateway in gateways.items():
+        urls[target] = f"http://{gateway.wait_ready(GATEWAY_READY).group(1)}"
+        if target is Target.GATEWAY_CACHED:
+            cache_metrics = f"http://{gateway.wait_ready(ADMIN_READY).group(1)}/metrics"
+    return Services(
+        backend=backend,
+        gateways=gateways,
+        urls={t: urls[t] for t in Target if t in urls},
+        cache_metrics=cache_metrics,
     )
-    stack.callback(gateway.stop)  # the ExitStack stops the gateway first, then the backend
-    bound = gateway.wait_ready(re.compile(r"gateway \S+ listening on ([\d.]+:\d+)")).group(1)
-    return backend, gateway, {Target.DIRECT: backend_url, Target.GATEWAY: f"http://{bound}"}
 
 
 # --- checks and wrk -------------------------------------------------------------------------
 
 
+def _request(scenario: Scenario, base: str) -> tuple[http.client.HTTPResponse, bytes]:
+    where = f"{scenario.method} {base}{scenario.path}"
+    split = urlsplit(base)  # http://127.0.0.1:PORT
+    conn = http.client.HTTPConnection(split.netloc, timeout=CHECK_TIMEOUT)
+    try:
+        headers = {"Content-Type": scenario.content_type} if scenario.content_type else {}
+        conn.request(scenario.method, scenario.path, body=scenario.body, headers=headers)
+        resp = conn.getresponse()
+        return resp, resp.read()
+    except OSError as exc:
+        raise BenchError(f"{where}: {exc}") from exc
+    finally:
+        conn.close()
+
+
 def check_responses(scenarios: Sequence[Scenario], urls: dict[Target, str]) -> None:
-    """Send each scenario once to each target; require a real answer.
+    """Send each scenario once to each of its targets in ``urls``; require a real answer.
+
+    For gateway-cached the first answer may be forwarded (it fills the cache); the request is
+    then sent again and that answer must be a cache hit.
 
     Raises:
-        BenchError: a status other than 200, no ``X-Served-Region: us-east-1``, a gateway
-            answer without the gateway's ``Via``, or a chat answer without a message.
+        BenchError: a status other than 200, no ``X-Served-Region: us-east-1`` on an answer
+            from the backend, a gateway answer without the gateway's ``Via``, a chat answer
+            without a message, or a second gateway-cached answer that is not a hit.
     """
     for scenario in scenarios:
         for target, base in urls.items():
+            if target not in scenario.targets:
+                continue
             where = f"{scenario.name} {target} {scenario.method} {base}{scenario.path}"
-            split = urlsplit(base)  # http://127.0.0.1:PORT
-            conn = http.client.HTTPConnection(split.netloc, timeout=CHECK_TIMEOUT)
-            try:
-                headers = {"Content-Type": scenario.content_type} if scenario.content_type else {}
-                conn.request(scenario.method, scenario.path, body=scenario.body, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-            except OSError as exc:
-                raise BenchError(f"{where}: {exc}") from exc
-            finally:
-                conn.close()
-            if resp.status != 200:
-                raise BenchError(f"{where}: status {resp.status}: {body[:300]!r}")
-            if resp.getheader("X-Served-Region") != REGION:
-                raise BenchError(f"{where}: X-Served-Region {resp.getheader('X-Served-Region')!r}")
-            if target is Target.GATEWAY and "geogate" not in (resp.getheader("Via") or ""):
-                raise BenchError(f"{where}: no 'Via: 1.1 geogate': not answered by the gateway")
-            if scenario.name == "chat":
-                try:
-                    json.loads(body)["choices"][0]["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    raise BenchError(f"{where}: not a chat completion: {body[:300]!r}") from exc
+            resp, body = _request(scenario, base)
+            _check_answer(where, scenario, target, resp, body)
+            if target is not Target.GATEWAY_CACHED:
+                continue
+            resp, body = _request(scenario, base)  # the entry is stored: this must be a hit
+            status = resp.getheader("Cache-Status") or ""
+            if not status.startswith(CACHE_HIT):
+                raise BenchError(
+                    f"{where}: second request not answered from the cache (Cache-Status "
+                    f"{status!r}, expected {CACHE_HIT!r}...): gateway-cached would measure "
+                    "proxied requests"
+                )
+            _check_answer(where, scenario, target, resp, body)
+
+
+def _check_answer(
+    where: str, scenario: Scenario, target: Target, resp: http.client.HTTPResponse, body: bytes
+) -> None:
+    if resp.status != 200:
+        raise BenchError(f"{where}: status {resp.status}: {body[:300]!r}")
+    hit = (resp.getheader("Cache-Status") or "").startswith(CACHE_HIT)
+    if not hit:  # a hit is the gateway's own answer: no Via, no backend headers
+        if resp.getheader("X-Served-Region") != REGION:
+            raise BenchError(f"{where}: X-Served-Region {resp.getheader('X-Served-Region')!r}")
+        if target is not Target.DIRECT and "geogate" not in (resp.getheader("Via") or ""):
+            raise BenchError(f"{where}: no 'Via: 1.1 geogate': not answered by the gateway")
+    if scenario.name == "chat":
+        try:
+            json.loads(body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BenchError(f"{where}: not a chat completion: {body[:300]!r}") from exc
+
+
+def cache_lookups(metrics_url: str) -> dict[str, float]:
+    """The gateway's ``geogate_cache_lookups_total`` by result (all zones summed).
+
+    Raises:
+        BenchError: /metrics did not answer 200.
+    """
+    split = urlsplit(metrics_url)
+    conn = http.client.HTTPConnection(split.netloc, timeout=CHECK_TIMEOUT)
+    try:
+        conn.request("GET", split.path)
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace")
+    except OSError as exc:
+        raise BenchError(f"GET {metrics_url}: {exc}") from exc
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"GET {metrics_url}: status {resp.status}")
+    out: dict[str, float] = {}
+    for labels, value in _CACHE_LOOKUPS.findall(text):
+        if (result := _RESULT_LABEL.search(labels)) is not None:
+            out[result.group(1)] = out.get(result.group(1), 0.0) + float(value)
+    return out
+
+
+def _hits_only(before: dict[str, float], after: dict[str, float], summary: WrkSummary) -> int:
+    """The hits between two ``cache_lookups`` readings around a gateway-cached run.
+
+    Raises:
+        BenchError: a lookup was not a hit, or fewer hits than responses (some requests did
+            not go through the cache).
+    """
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after.keys() | before.keys()}
+    hits = int(delta.pop("hit", 0.0))
+    others = {k: int(v) for k, v in delta.items() if v}
+    if others:
+        raise BenchError(f"gateway-cached: lookups other than hits during a measured run: {others}")
+    if hits < summary.ok_requests:
+        raise BenchError(
+            f"gateway-cached: {hits} cache hits for {summary.ok_requests} responses: some "
+            "requests were not answered from the cache"
+        )
+    return hits
 
 
 def _children_cpu() -> float:
@@ -328,22 +463,36 @@ RESULTS_HEADER = """\
 # GeoGate benchmark results
 
 Recorded by `bench/run.py --record` (see its docstring for the method). Each section is one
-run: the backend measured directly and through the gateway, interleaved, on one machine.
+run: the backend measured directly, through the gateway and (chat) through a second gateway
+answering from its llm-exact cache, interleaved, on one machine.
 
-- **ratio req/s, ratio p50, ratio p99**: gateway figure / direct figure of the same repeat;
-  a req/s ratio below 1 and a p50 ratio above 1 are the gateway's cost. On a *median* row:
-  the median of the per-repeat ratios.
+- **ratio req/s, ratio p50, ratio p99**: gateway (or gateway-cached) figure / direct figure
+  of the same repeat; a req/s ratio below 1 and a p50 ratio above 1 are the gateway's cost.
+  On a *median* row: the median of the per-repeat ratios.
 - **gw CPU µs/req**: gateway user + system CPU time per request (from `/proc/<pid>/stat`);
   **gw CPU %**: gateway CPU seconds per wall second (100 = one core fully busy: the gateway
   is the bottleneck). **backend CPU µs/req**: the same for the backend, in both kinds of runs.
+- **cached/gw req/s, p50, p99, CPU**: gateway-cached figure / uncached gateway figure of the
+  same repeat (CPU: gateway CPU µs per request): what a cache hit costs against the same
+  request proxied.
 - **errors**: socket errors + responses with status >= 400 (`!` flags a run that had any).
 - Absolute req/s drift 20-30 % between minutes on a shared machine: compare ratios and CPU
   per request across sections, not req/s.
 """
 
 
+CACHED_NOTE = (
+    "- gateway-cached: a second gateway, same config plus `cache: {policy: llm-exact, "
+    "default_temperature: 0}` on its route; every measured request was a cache hit "
+    "(checked: `Cache-Status: geogate; hit` before measuring, and only hits in its "
+    "`geogate_cache_lookups_total` during each run). **cached/gw** columns: gateway-cached / "
+    "uncached gateway, same repeat (CPU: gateway CPU µs per request)."
+)
+
+
 def markdown_section(result: dict[str, Any], rows: list[list[str]]) -> str:
     m, s = result["machine"], result["settings"]
+    cached = Target.GATEWAY_CACHED in s.get("targets", ())
     lines = [
         f"## {result['started_utc'][:16].replace('T', ' ')} UTC, commit {m['git_commit']}",
         "",
@@ -354,7 +503,8 @@ def markdown_section(result: dict[str, Any], rows: list[list[str]]) -> str:
         f"- Pinning: {s['pinning']}",
         f"- Command: `{result['command']}`",
         f"- Per run: {s['duration_s']} s, {s['connections']} connections, {s['threads']} wrk "
-        f"thread(s); {s['repeats']} repeats; warm-up {s['warmup_s']} s per scenario",
+        f"thread(s); {s['repeats']} repeats; warm-up {s['warmup_s']} s per scenario and gateway",
+        *([CACHED_NOTE] if cached else []),
         "",
         render_markdown(rows),
         "",
@@ -388,17 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``bench/run.py``."""
     p = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="wrk: the backend directly and through the gateway, interleaved, repeated.",
+        description="wrk: the backend directly, through the gateway and through a caching "
+        "gateway, interleaved, repeated.",
     )
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="direct+gateway pairs (default 3)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds of one run per target (default 3)"
+    )
     p.add_argument(
         "--warmup",
         type=int,
         default=2,
-        help="seconds of load per scenario through the gateway before measuring (default 2)",
+        help="seconds of load per scenario through each gateway before measuring (default 2)",
     )
     p.add_argument(
         "--scenarios",
@@ -406,16 +559,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all)",
     )
     p.add_argument(
+        "--targets",
+        default=",".join(Target),
+        help=f"comma-separated, from {', '.join(Target)} (default: all); a scenario measures "
+        "those it can (health: not gateway-cached)",
+    )
+    p.add_argument(
         "--out", type=Path, help="JSON results file (default bench/out/bench-<UTC time>.json)"
     )
     p.add_argument("--record", action="store_true", help="append a section to bench/RESULTS.md")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    for name in ("gateway", "backend", "wrk"):
-        p.add_argument(f"--{name}-cpus", type=_cpu_list, metavar="LIST", help=f"CPUs for {name}")
+    for name, help_ in (
+        ("gateway", "CPUs for both gateways"),
+        ("backend", "CPUs for the backend"),
+        ("wrk", "CPUs for wrk and this harness"),
+    ):
+        p.add_argument(f"--{name}-cpus", type=_cpu_list, metavar="LIST", help=help_)
     return p
 
 
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Scenario]:
+def _check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[Scenario], list[Target]]:
     for name in ("duration", "connections", "threads", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -427,17 +592,35 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> li
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown or not names:
         parser.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
+    wanted = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in set(Target)]
+    if unknown or not wanted:
+        parser.error(f"--targets: unknown {unknown}; choose from {', '.join(Target)}")
+    targets = [t for t in Target if t in wanted]  # always in Target order
+    scenarios = [SCENARIOS[n] for n in dict.fromkeys(names)]
+    for scenario in scenarios:
+        if not set(targets) & set(scenario.targets):
+            parser.error(
+                f"scenario {scenario.name} measures none of --targets {','.join(targets)} "
+                f"(it can: {', '.join(scenario.targets)})"
+            )
     if shutil.which("wrk") is None:
         parser.error("wrk is not on PATH (scripts/install-system-deps.sh installs it)")
-    return [SCENARIOS[n] for n in dict.fromkeys(names)]
+    return scenarios, targets
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # unwinds like Ctrl-C: wrk killed, children stopped
 
 
+def _rotated(targets: Sequence[Target], repeat: int) -> list[Target]:
+    """Repeat 1: ``targets`` in order; repeat 2 starts at the second; and so on."""
+    k = (repeat - 1) % len(targets)
+    return [*targets[k:], *targets[:k]]
+
+
 def benchmark(
-    args: argparse.Namespace, scenarios: list[Scenario]
+    args: argparse.Namespace, scenarios: list[Scenario], targets: Sequence[Target] = tuple(Target)
 ) -> tuple[dict[str, Any], list[Run]]:
     """Start the processes, check, warm up, measure.
 
@@ -445,10 +628,15 @@ def benchmark(
         (the results, JSON-ready; the runs in the order they ran).
 
     Raises:
-        BenchError: see ``start_services``, ``check_responses`` and ``run_wrk``.
+        BenchError: see ``start_services``, ``check_responses``, ``run_wrk`` and
+            ``_hits_only``.
     """
     pins = choose_pins(args)
     started = dt.datetime.now(dt.UTC)
+    plan = {s.name: [t for t in targets if t in s.targets] for s in scenarios}
+    shown_pins = dict(pins)
+    if Target.GATEWAY_CACHED in targets:  # on the same CPUs as the gateway
+        shown_pins = {"gateway": pins["gateway"], "gateway-cached": pins["gateway"], **pins}
     result: dict[str, Any] = {
         "command": _command_line(),
         "started_utc": started.isoformat(timespec="seconds"),
@@ -460,11 +648,13 @@ def benchmark(
             "repeats": args.repeats,
             "warmup_s": args.warmup,
             "scenarios": [s.name for s in scenarios],
-            "pinning": _describe_pins(pins),
+            "targets": [str(t) for t in targets],
+            "targets_per_scenario": {name: [str(t) for t in ts] for name, ts in plan.items()},
+            "pinning": _describe_pins(shown_pins),
         },
     }
     if pins["wrk"]:
-        os.sched_setaffinity(0, pins["wrk"])  # keep this harness off the gateway's CPU
+        os.sched_setaffinity(0, pins["wrk"])  # keep this harness off the gateways' CPU
     wrk_opts: dict[str, Any] = {
         "connections": args.connections,
         "threads": args.threads,
@@ -472,37 +662,21 @@ def benchmark(
     }
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="geogate-bench-") as tmp, contextlib.ExitStack() as st:
-        backend, gateway, urls = start_services(st, Path(tmp), pins)
-        log = (
-            f"backend {urls[Target.DIRECT]}, gateway {urls[Target.GATEWAY]}; {_describe_pins(pins)}"
-        )
-        print(log, file=sys.stderr)
-        check_responses(scenarios, urls)
+        sv = start_services(st, Path(tmp), pins, targets)
+        where = ", ".join(f"{t} {u}" for t, u in sv.urls.items())
+        print(f"{where}; {_describe_pins(shown_pins)}", file=sys.stderr)
+        check_responses(scenarios, sv.urls)
         for scenario in scenarios if args.warmup else ():
-            # through the gateway: warms the gateway's path and pool and the backend's handler
-            run_wrk(scenario, urls[Target.GATEWAY], duration=args.warmup, **wrk_opts)
-        total = args.repeats * len(scenarios) * 2
+            # through each gateway: warms its path and pool and the backend's handler
+            warm = [t for t in plan[scenario.name] if t in sv.gateways] or plan[scenario.name]
+            for target in warm:
+                run_wrk(scenario, sv.urls[target], duration=args.warmup, **wrk_opts)
+        total = args.repeats * sum(len(ts) for ts in plan.values())
         for repeat in range(1, args.repeats + 1):
-            order = list(Target) if repeat % 2 else list(reversed(Target))
             for scenario in scenarios:
-                for target in order:
-                    g0, b0 = gateway.cpu_seconds(), backend.cpu_seconds()
-                    summary, wrk_cpu = run_wrk(
-                        scenario, urls[target], duration=args.duration, **wrk_opts
-                    )
-                    g1, b1 = gateway.cpu_seconds(), backend.cpu_seconds()
-                    run = Run(
-                        scenario=scenario.name,
-                        target=target,
-                        repeat=repeat,
-                        wrk=summary,
-                        gateway_cpu=g1 - g0,
-                        backend_cpu=b1 - b0,
-                        wrk_cpu=wrk_cpu,
-                        seq=len(runs),
-                    )
-                    runs.append(run)
-                    _progress(run, total)
+                for target in _rotated(plan[scenario.name], repeat):
+                    runs.append(_measure(sv, scenario, target, repeat, len(runs), args, wrk_opts))
+                    _progress(runs[-1], total)
     summaries = summarise(runs)
     result.update(
         {
@@ -516,12 +690,45 @@ def benchmark(
     return result, runs
 
 
+def _measure(
+    sv: Services,
+    scenario: Scenario,
+    target: Target,
+    repeat: int,
+    seq: int,
+    args: argparse.Namespace,
+    wrk_opts: dict[str, Any],
+) -> Run:
+    """One wrk run against ``target``, with the CPU of its gateway and of the backend."""
+    # the gateway the run goes through; in a direct run, the idle gateways
+    watched = [sv.gateways[target]] if target in sv.gateways else list(sv.gateways.values())
+    metrics = sv.cache_metrics if target is Target.GATEWAY_CACHED else None
+    lookups = cache_lookups(metrics) if metrics else {}  # read outside the CPU window
+    g0, b0 = sum(g.cpu_seconds() for g in watched), sv.backend.cpu_seconds()
+    summary, wrk_cpu = run_wrk(scenario, sv.urls[target], duration=args.duration, **wrk_opts)
+    g1, b1 = sum(g.cpu_seconds() for g in watched), sv.backend.cpu_seconds()
+    hits = _hits_only(lookups, cache_lookups(metrics), summary) if metrics else None
+    return Run(
+        scenario=scenario.name,
+        target=target,
+        repeat=repeat,
+        wrk=summary,
+        gateway_cpu=g1 - g0,
+        backend_cpu=b1 - b0,
+        wrk_cpu=wrk_cpu,
+        seq=seq,
+        cache_hits=hits,
+    )
+
+
 def _progress(run: Run, total: int) -> None:
     gw = run.gateway_us_per_request
     print(
         f"[{run.seq + 1}/{total}] repeat {run.repeat} {run.scenario} {run.target}: "
         f"{run.wrk.rps:.0f} req/s, p50 {run.wrk.p50 * 1e3:.2f} ms, p99 {run.wrk.p99 * 1e3:.2f} ms"
-        f", errors {run.wrk.errors}" + (f", gateway {gw:.0f} µs/req" if gw is not None else ""),
+        f", errors {run.wrk.errors}"
+        + (f", gateway {gw:.0f} µs/req" if gw is not None else "")
+        + (f", {run.cache_hits} cache hits" if run.cache_hits is not None else ""),
         file=sys.stderr,
     )
 
@@ -534,10 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    scenarios = _check_args(parser, args)
+    scenarios, targets = _check_args(parser, args)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        result, runs = benchmark(args, scenarios)
+        result, runs = benchmark(args, scenarios, targets)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
