@@ -8,6 +8,8 @@ request path:
   found by requests of its own zone; among the key's variants the one whose Vary'd request
   fields match is chosen (§4.1);
 * fresh (or allowed stale): answered here with ``Age`` and ``Cache-Status: geogate; hit``;
+  a client's own If-None-Match / If-Modified-Since is evaluated against it (RFC 9111 §4.3.2:
+  304), and a single byte Range of a stored 200 gets a 206 (RFC 9110 §14);
 * stale with a validator: the request goes forward with If-None-Match / If-Modified-Since;
   a 304 refreshes the entry's headers (§4.3.4) and the stored body is served;
 * ``only-if-cached`` with nothing usable: 504 (§5.2.1.7);
@@ -41,10 +43,13 @@ from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.httpcache import (
     Outcome,
     StoredResponse,
+    byte_range,
     cache_status,
     invalidates,
     is_storable,
     lookup_decision,
+    not_modified,
+    not_modified_headers,
     stale_if_error_allows,
 )
 from gateway.pipeline import LocalReply
@@ -200,7 +205,7 @@ class CacheStage:
             if decision.outcome is Outcome.STALE_WHILE_REVALIDATE:
                 status += "; detail=stale-while-revalidate"
                 self._refresh_in_background(ex, key, found)
-            return _reply(found.entry, decision.age, status)
+            return _answer(ex, found.entry, found.stored, decision.age, status)
         if decision.outcome is Outcome.ONLY_IF_CACHED:
             self._count(ex, "miss")
             raise UpstreamTimeout("only-if-cached: nothing usable is stored", phase="cache")
@@ -303,7 +308,7 @@ class CacheStage:
         self._tasks.spawn(self._caches.put_l2(updated))
         self._count(ex, "revalidated")
         status_field = cache_status("fwd", fwd="stale", fwd_status=304, stored=True)
-        reply = _reply(updated, 0, status_field)
+        reply = _answer(ex, updated, fresh, 0, status_field)
         ex.status = reply.status
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
@@ -425,12 +430,39 @@ def _entry_of(
     )  # fmt: skip
 
 
+def _answer(
+    ex: Exchange, entry: CacheEntry, stored: StoredResponse | None, age: int, status_field: str
+) -> LocalReply:
+    """The stored answer shaped for this request: a 304 when the client's own validators match
+    (RFC 9111 §4.3.2, fields per RFC 9110 §15.4.5), a 206 with Content-Range for a single byte
+    range of a stored 200 (RFC 9110 §14.1.2, §15.3.7), else the whole stored response."""
+    request = ex.request
+    if stored is None:
+        return _reply(entry, age, status_field)
+    if not_modified(request.method, request.headers, stored):
+        headers = CIMultiDict(not_modified_headers(stored))
+        headers["Age"] = str(max(0, age))
+        headers["Cache-Status"] = status_field
+        return LocalReply(304, b"", headers)
+    span = byte_range(request.method, request.headers, stored, len(entry.body))
+    if span is None:
+        return _reply(entry, age, status_field)
+    first, last = span
+    headers = _stored_headers(entry, age, status_field)
+    headers["Content-Range"] = f"bytes {first}-{last}/{len(entry.body)}"
+    return LocalReply(206, entry.body[first : last + 1], headers)
+
+
 def _reply(entry: CacheEntry, age: int, status_field: str) -> LocalReply:
     """The stored answer with Age (§5.1) and Cache-Status; aiohttp leaves the body out for
     HEAD while keeping the GET's Content-Length (RFC 9110 §9.3.2)."""
+    return LocalReply(entry.status, entry.body, _stored_headers(entry, age, status_field))
+
+
+def _stored_headers(entry: CacheEntry, age: int, status_field: str) -> CIMultiDict[str]:
     headers = CIMultiDict(entry.headers)
     headers.popall("Age", None)
     headers.popall("Content-Length", None)
     headers["Age"] = str(max(0, age))
     headers["Cache-Status"] = status_field
-    return LocalReply(entry.status, entry.body, headers)
+    return headers

@@ -51,6 +51,7 @@ __all__ = [
     "Headers",
     "Outcome",
     "StoredResponse",
+    "byte_range",
     "cache_status",
     "current_age",
     "format_http_date",
@@ -59,6 +60,8 @@ __all__ = [
     "is_storable",
     "lookup_decision",
     "normalise_field_value",
+    "not_modified",
+    "not_modified_headers",
     "parse_cache_control",
     "parse_http_date",
     "request_cache_control",
@@ -454,6 +457,15 @@ def _date(h: Headers, fallback: float) -> float:
     return fallback if parsed is None else parsed
 
 
+def _age_value(h: Headers) -> int:
+    """§5.1: Age is a singleton, but a list-based value means its first member (first line,
+    first comma-separated member); an invalid value is ignored: 0, as when absent (§4.2.3)."""
+    first = _first(h, "Age")
+    if first is None:
+        return 0
+    return _delta(first.split(",", 1)[0].strip()) or 0
+
+
 def current_age(
     *, date: float, age_value: float, request_time: float, response_time: float, now: float
 ) -> float:
@@ -509,7 +521,7 @@ class StoredResponse:
             self.status, h, response_time=self.response_time, shared=self.shared
         )
         object.__setattr__(self, "lifetime", lifetime)
-        age = _delta((_first(h, "Age") or "").strip()) or 0  # §4.2.3: 0 if not available
+        age = _age_value(h)
         initial = current_age(
             date=_date(h, self.response_time),
             age_value=age,
@@ -792,6 +804,85 @@ def stale_if_error_allows(
     if request_cc is not None and request_cc.stale_if_error is not None:
         window = request_cc.stale_if_error
     return window is not None and -stored.ttl(now) <= window
+
+
+# --- Requests answered from a stored response (§4.3.2; RFC 9110 §13, §14) -----------------
+
+_ENTITY_TAG = re.compile(r'(?:W/)?"([^"]*)"')
+_BYTE_RANGE = re.compile(r"[ \t]*bytes[ \t]*=[ \t]*(\d*)[ \t]*-[ \t]*(\d*)[ \t]*", re.IGNORECASE)
+_NOT_MODIFIED_FIELDS = ("Cache-Control", "Content-Location", "Date", "ETag", "Expires", "Vary")
+
+
+def not_modified(method: str, request_headers: HeaderInput, stored: StoredResponse) -> bool:
+    """Whether the cache answers a validation request with 304 from ``stored`` (§4.3.2).
+
+    Only for GET/HEAD and a stored 2xx (RFC 9110 §13.2.2: preconditions are evaluated when
+    the answer would otherwise be 2xx). ``If-None-Match`` takes precedence (RFC 9110 §13.2.2):
+    ``*`` or an entity-tag equal to the stored ETag under weak comparison (§8.8.3.2) -> 304.
+    Without it, ``If-Modified-Since`` (one valid HTTP-date, else ignored, §13.1.3): 304 when
+    the stored Last-Modified -- or, lacking one, its Date (§4.3.2) -- is not later.
+    """
+    if method.upper() not in ("GET", "HEAD") or not 200 <= stored.status < 300:
+        return False
+    h, mine = _view(request_headers), stored.fields
+    inm = h.getall("If-None-Match", [])
+    if inm:
+        if any(member.strip() == "*" for line in inm for member in line.split(",")):
+            return True
+        etag = _first(mine, "ETag")
+        own = _ENTITY_TAG.fullmatch(etag.strip()) if etag is not None else None
+        return own is not None and any(
+            m[1] == own[1] for line in inm for m in _ENTITY_TAG.finditer(line)
+        )
+    ims = h.getall("If-Modified-Since", [])
+    since = parse_http_date(ims[0]) if len(ims) == 1 else None
+    if since is None:
+        return False
+    lm = _first(mine, "Last-Modified")
+    modified = parse_http_date(lm) if lm is not None else None
+    if modified is None:
+        modified = _date(mine, stored.response_time)
+    return modified <= since
+
+
+def not_modified_headers(stored: StoredResponse) -> list[tuple[str, str]]:
+    """The stored fields a 304 carries (RFC 9110 §15.4.5): Cache-Control, Content-Location,
+    Date, ETag, Expires and Vary; Last-Modified only when there is no ETag (it may then guide
+    the recipient's cache update)."""
+    keep = {n.lower() for n in _NOT_MODIFIED_FIELDS}
+    if _first(stored.fields, "ETag") is None:
+        keep.add("last-modified")
+    return [(n, v) for n, v in stored.headers if n.lower() in keep]
+
+
+def byte_range(
+    method: str, request_headers: HeaderInput, stored: StoredResponse, length: int
+) -> tuple[int, int] | None:
+    """The single byte range ``(first, last)``, inclusive, a GET asks of a stored complete 200
+    of ``length`` bytes (RFC 9110 §14.1.2), for a 206 from the cache (RFC 9111 §3.4 lets a
+    cache answer ranges from what it stores).
+
+    None -- answer with the whole 200, which a server MAY always do (RFC 9110 §14.2) -- when
+    there is no Range, it has other units or several ranges, it is unparsable or
+    unsatisfiable, or there is an If-Range (not evaluated here).
+    """
+    h = _view(request_headers)
+    ranges = h.getall("Range", [])
+    if method.upper() != "GET" or stored.status != 200 or len(ranges) != 1:
+        return None
+    if h.getall("If-Range", []) or (m := _BYTE_RANGE.fullmatch(ranges[0])) is None:
+        return None
+    first, last = m.groups()
+    if first:
+        start = int(first)
+        end = length - 1 if not last else min(int(last), length - 1)
+        if last and int(last) < start:
+            return None
+    elif last and int(last) > 0:
+        start, end = max(0, length - int(last)), length - 1
+    else:
+        return None
+    return (start, end) if start < length else None
 
 
 # --- Invalidation (§4.4) -----------------------------------------------------------------
