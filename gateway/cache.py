@@ -39,7 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.cachekey import http_key, vary_key
 from gateway.cachestore import CacheEntry, ZoneCaches
-from gateway.errors import GatewayError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.httpcache import (
     Outcome,
     StoredResponse,
@@ -50,11 +50,13 @@ from gateway.httpcache import (
     lookup_decision,
     not_modified,
     not_modified_headers,
+    request_cache_control,
     stale_if_error_allows,
 )
 from gateway.pipeline import LocalReply
 
 if TYPE_CHECKING:
+    from gateway.config import RouteCacheConfig
     from gateway.exchange import Exchange
     from gateway.metrics import Metrics
     from gateway.pipeline import BackgroundTasks
@@ -123,7 +125,8 @@ class CacheStage:
 
     Args:
         caches: L1 and the per-zone L2 stores.
-        routes: route prefix -> max entry bytes, for routes with ``cache: http``.
+        routes: route prefix -> its cache config, for routes with ``cache: http``
+            (``max_entry_bytes``, ``stale_if_disconnected``).
         metrics: lookups by result and zone.
         tasks: background work (L2 writes, stale-while-revalidate refreshes).
         fetch: the forwarder's ``fetch`` (a GET inside the request's zone), for
@@ -135,7 +138,7 @@ class CacheStage:
     def __init__(
         self,
         caches: ZoneCaches,
-        routes: Mapping[str, int],
+        routes: Mapping[str, RouteCacheConfig],
         *,
         metrics: Metrics,
         tasks: BackgroundTasks,
@@ -223,7 +226,7 @@ class CacheStage:
             self._inflight[key] = asyncio.get_running_loop().create_future()
             state["leader"] = True
         ex.cache_state = state
-        ex.capture = ResponseCapture(self._routes[route.prefix])
+        ex.capture = ResponseCapture(self._routes[route.prefix].max_entry_bytes)
         ex.response_hook = self._on_upstream_response
         return None
 
@@ -258,7 +261,7 @@ class CacheStage:
             request_time = time.time()
             got = await self._fetch(
                 regions, target, headers, zone=zone, within=10.0,
-                limit=self._routes.get(entry.route, 0),
+                limit=policy.max_entry_bytes if (policy := self._routes.get(entry.route)) else 0,
             )  # fmt: skip
             if got is None:
                 return
@@ -313,16 +316,27 @@ class CacheStage:
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     def on_error(self, ex: Exchange, err: GatewayError) -> LocalReply | None:
-        """Serve a stale entry instead of an upstream failure, within stale-if-error."""
+        """Serve a stale entry instead of a gateway error: within its stale-if-error, or,
+        when no answer came from the upstream at all (``UpstreamError``: refused, reset,
+        timed out, no region of the zone available), within the route's
+        ``stale_if_disconnected`` (``stale_if_error_allows``)."""
         state = ex.cache_state or {}
         entry: CacheEntry | None = state.get("entry")
         stored: StoredResponse | None = state.get("stored")
-        if entry is None or stored is None or err.status < 500:
+        if entry is None or stored is None or err.status < 500 or ex.route is None:
             return None
-        if not stale_if_error_allows(stored, time.time()):
+        policy = self._routes.get(ex.route.prefix)
+        disconnected = policy.stale_if_disconnected if policy is not None else 0.0
+        now = time.time()
+        if not stale_if_error_allows(
+            stored,
+            now,
+            request_cache_control(ex.request.headers),
+            disconnected_window=disconnected if isinstance(err, UpstreamError) else 0.0,
+        ):
             return None
         self._count(ex, "stale")
-        age = int(stored.current_age(time.time()))
+        age = int(stored.current_age(now))
         field = cache_status("hit", ttl=stored.lifetime - age, detail=f"stale-if-error {err.slug}")
         return _reply(entry, age, field)
 

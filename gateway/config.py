@@ -315,6 +315,10 @@ class RouteCacheConfig(_Model):
 
     policy: Literal["none", "http", "llm-exact"] = "none"
     max_entry_bytes: Size = 1 * MIB  # larger answers are passed through, not stored
+    # http only: how stale an entry may be served when no answer comes from the upstream at
+    # all (refused, reset, timed out, no region of the zone): RFC 9111 §4.2.4's disconnected
+    # cache. Never for must-revalidate / proxy-revalidate / s-maxage / no-cache responses.
+    stale_if_disconnected: Duration = 60 * SECONDS
     # llm-exact only:
     ttl: Duration = 3600 * SECONDS  # an answer is served fresh this long
     stale_if_error: Duration = 0 * SECONDS  # ... and this much longer when the upstream fails

@@ -783,27 +783,41 @@ def _age_header(age: float) -> int:
 
 
 def stale_if_error_allows(
-    stored: StoredResponse, now: float, request_cc: CacheControl | None = None
+    stored: StoredResponse,
+    now: float,
+    request_cc: CacheControl | None = None,
+    *,
+    disconnected_window: float = 0.0,
 ) -> bool:
-    """Whether ``stored`` may answer when the upstream failed (5xx, no connection) (RFC 5861
-    §4): staleness within the request's ``stale-if-error`` if it has one (the client's own
-    limit, narrower or wider), else the response's. Never when stale serving is forbidden
-    (§4.2.4: must-revalidate, no-cache, shared proxy-revalidate/s-maxage) or the request
-    asked for validation (``no-cache``).
+    """Whether ``stored`` may answer when the upstream failed (5xx, no connection).
+
+    Two permissions, the wider wins:
+
+    * RFC 5861 §4: staleness within the response's ``stale-if-error``;
+    * RFC 9111 §4.2.4: a cache that is *disconnected* (no answer from the origin at all:
+      connection refused or reset, timeout, no region of the zone available) may serve a
+      stale response; ``disconnected_window`` (seconds, the route's
+      ``stale_if_disconnected``, 0 on an upstream 5xx answer) bounds how stale.
+
+    The request's own ``stale-if-error`` replaces both (the client's limit, narrower or
+    wider). Never when stale serving is forbidden (§4.2.4: must-revalidate, no-cache, shared
+    proxy-revalidate / s-maxage) or the request asked for validation (``no-cache``).
 
     Args:
         stored: the stored response selected for the request (Vary already matched).
         now: epoch seconds.
         request_cc: ``request_cache_control(request)``; None for a request with none.
+        disconnected_window: seconds of staleness allowed because the origin is unreachable.
     """
     if request_cc is not None and request_cc.no_cache:
         return False
     if _stale_forbidden(stored):
         return False
-    window: int | None = stored.cache_control.stale_if_error
+    staleness = -stored.ttl(now)
     if request_cc is not None and request_cc.stale_if_error is not None:
-        window = request_cc.stale_if_error
-    return window is not None and -stored.ttl(now) <= window
+        return staleness <= request_cc.stale_if_error
+    window = max(stored.cache_control.stale_if_error or 0, disconnected_window)
+    return window > 0 and staleness <= window
 
 
 # --- Requests answered from a stored response (§4.3.2; RFC 9110 §13, §14) -----------------

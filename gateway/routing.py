@@ -11,9 +11,26 @@ from dataclasses import dataclass
 
 from gateway.config import LimitsConfig, RouteConfig
 
-__all__ = ["DEFAULT_METHODS", "Route", "RouteTable"]
+__all__ = ["DEFAULT_METHODS", "AnyMethodExcept", "Route", "RouteTable"]
 
-DEFAULT_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+@dataclass(frozen=True, slots=True)
+class AnyMethodExcept:
+    """The methods of a route that lists none: every method but ``excluded``.
+
+    Extension methods (e.g. ``M-SEARCH``, WebDAV's ``PROPFIND``) are proxied like any other
+    (RFC 9110 §9.1: the method set is extensible); ``CONNECT`` and ``TRACE`` are not: a
+    gateway is no tunnel, and TRACE would echo the client's credentials back (RFC 9110
+    §9.3.8). ``"GET" in DEFAULT_METHODS`` is True; ``"TRACE" in DEFAULT_METHODS`` is False.
+    """
+
+    excluded: frozenset[str]
+
+    def __contains__(self, method: object) -> bool:
+        return method not in self.excluded
+
+
+DEFAULT_METHODS = AnyMethodExcept(frozenset({"CONNECT", "TRACE"}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +55,7 @@ class Route:
     index: int
     prefix: str
     host: str | None
-    methods: frozenset[str]
+    methods: frozenset[str] | AnyMethodExcept
     connect_timeout: float
     first_byte_timeout: float
     idle_timeout: float

@@ -233,9 +233,7 @@ class GatewayServer:
             always_headers=cfg.gateway.ratelimit_headers == "always",
         )
         stages: list[Stage] = [identify, locate, ratelimit]
-        http_cached = {
-            r.prefix: r.cache.max_entry_bytes for r in cfg.routes if r.cache.policy == "http"
-        }
+        http_cached = {r.prefix: r.cache for r in cfg.routes if r.cache.policy == "http"}
         llm_cached = {
             r.prefix: LlmCachePolicy(
                 ttl=r.cache.ttl,
@@ -249,7 +247,8 @@ class GatewayServer:
             if r.cache.policy == "llm-exact"
         }
         if http_cached or llm_cached:
-            sizes = [*http_cached.values(), *(p.max_entry_bytes for p in llm_cached.values())]
+            sizes = [c.max_entry_bytes for c in http_cached.values()]
+            sizes += [p.max_entry_bytes for p in llm_cached.values()]
             self.caches = self._make_caches(max(sizes))
             self.metrics.registry.register(CacheStateCollector(self.caches.l1))
         if self.caches is not None and http_cached:

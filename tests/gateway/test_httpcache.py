@@ -618,6 +618,31 @@ def test_stale_if_error(response: str, req: str | None, later: float, allowed: b
     assert stale_if_error_allows(stored, T0 + later, request_cc) is allowed
 
 
+@pytest.mark.parametrize(
+    ("response", "req", "later", "window", "allowed"),
+    [
+        pytest.param("max-age=100", None, 150, 60.0, True, id="within"),
+        pytest.param("max-age=100", None, 161, 60.0, False, id="past-window"),
+        pytest.param("max-age=100", None, 150, 0.0, False, id="no-window"),
+        pytest.param("max-age=100, stale-if-error=90", None, 185, 60.0, True, id="sie-wider"),
+        pytest.param("max-age=100", "stale-if-error=10", 150, 60.0, False, id="req-narrows"),
+        pytest.param("max-age=100, must-revalidate", None, 150, 60.0, False, id="must-reval"),
+        pytest.param("max-age=100, proxy-revalidate", None, 150, 60.0, False, id="proxy-reval"),
+        pytest.param("s-maxage=100", None, 150, 60.0, False, id="s-maxage"),
+        pytest.param("max-age=100, no-cache", None, 150, 60.0, False, id="no-cache"),
+        pytest.param("max-age=100", "no-cache", 150, 60.0, False, id="req-no-cache"),
+    ],
+)
+def test_stale_if_disconnected(
+    response: str, req: str | None, later: float, window: float, allowed: bool
+) -> None:
+    """RFC 9111 §4.2.4: a disconnected cache may serve stale, within the route's bound."""
+    stored = store([("Cache-Control", response)])
+    request_cc = None if req is None else request_cache_control([("Cache-Control", req)])
+    got = stale_if_error_allows(stored, T0 + later, request_cc, disconnected_window=window)
+    assert got is allowed
+
+
 # --- 304 (§4.3.4, §3.2) ------------------------------------------------------------------------
 
 

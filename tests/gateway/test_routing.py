@@ -42,4 +42,6 @@ def test_methods_default_and_explicit() -> None:
     t = table()
     assert "POST" in t.match("gw", "/").methods
     assert "CONNECT" not in t.match("gw", "/").methods
+    assert "TRACE" not in t.match("gw", "/").methods  # RFC 9110 §9.3.8: would echo credentials
+    assert "M-SEARCH" in t.match("gw", "/").methods  # extension methods are proxied
     assert t.match("ops.example.com", "/admin/x").methods == frozenset({"GET"})
