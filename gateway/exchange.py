@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gateway.cache import ResponseCapture
     from gateway.routing import Route
     from gateway.tenants import Tenant
+    from gateway.tracecontext import TraceContext
     from gateway.upstreams import Endpoint
 
 __all__ = ["Exchange", "ResponseHook"]
@@ -27,23 +28,38 @@ class Exchange:
     Each stage fills the fields it owns, in pipeline order: ``route`` (route stage),
     ``tenant`` (identify stage),
     ``client_ip``/``country``/``zone``/``zone_source``/``regions`` (locate stage),
-    ``endpoint``/``upstream_status``/``attempts`` (forwarder). Times are loop seconds.
+    ``endpoint``/``upstream_status``/``attempts`` and the upstream timestamps (forwarder),
+    ``headers_sent``/``bytes_out`` (whoever writes the response). Times are loop seconds
+    (``asyncio`` loop clock, monotonic); a timestamp is None until its event happened.
 
     Attributes:
         request: the aiohttp request.
         request_id: echoed as X-Request-Id both ways, and in problem details.
         start: loop time the handler started, seconds.
+        trace: the W3C trace context (TraceContext); set by the server before any stage.
+        first_sent: loop time the first upstream attempt was sent.
+        attempt_sent: loop time the latest attempt was sent.
+        upstream_headers_at: loop time the answering attempt's response headers arrived.
+        upstream_end: loop time the answering attempt's body ended (or broke off).
+        headers_sent: loop time the response headers went to the client.
+        bytes_in: request body bytes relayed upstream as a stream; None: the Content-Length.
+        bytes_out: response bytes written to the client; None until known.
     """
 
     __slots__ = (
+        "attempt_sent",
         "attempts",
         "body_override",
+        "bytes_in",
+        "bytes_out",
         "cache_result",
         "cache_state",
         "capture",
         "client_ip",
         "country",
         "endpoint",
+        "first_sent",
+        "headers_sent",
         "peer_trusted",
         "ratelimit_result",
         "regions",
@@ -58,8 +74,11 @@ class Exchange:
         "strip_usage_chunk",
         "tenant",
         "token_reservation",
+        "trace",
+        "upstream_end",
         "upstream_extra_headers",
         "upstream_headers",
+        "upstream_headers_at",
         "upstream_status",
         "usage_tokens",
         "zone",
@@ -95,6 +114,14 @@ class Exchange:
         self.response_hook: ResponseHook | None = None  # may answer instead (a 304 -> the entry)
         self.upstream_extra_headers: list[tuple[str, str]] = []  # e.g. If-None-Match
         self.upstream_headers: CIMultiDictProxy[str] | None = None  # the answer's, as received
+        self.trace: TraceContext | None = None
+        self.first_sent: float | None = None
+        self.attempt_sent: float | None = None
+        self.upstream_headers_at: float | None = None
+        self.upstream_end: float | None = None
+        self.headers_sent: float | None = None
+        self.bytes_in: int | None = None
+        self.bytes_out: int | None = None
 
     def __repr__(self) -> str:
         route = self.route.prefix if self.route else None

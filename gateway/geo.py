@@ -35,6 +35,7 @@ __all__ = [
     "GeoDatabase",
     "GeoDatabaseError",
     "GeoSchema",
+    "LookupCounts",
     "is_special_purpose",
 ]
 
@@ -69,6 +70,34 @@ class GeoDatabaseError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class LookupCounts:
+    """Lookups by result, for ``geogate_geoip_lookups_total`` (read at scrape time).
+
+    Plain integers bumped on the loop thread: cheaper on the request path than a Prometheus
+    child, and one instance can outlive a database reload so the counter never goes back.
+
+    Attributes:
+        found: the address has a country.
+        not_found: not in the database, or its record has no country.
+        special: a special-purpose address (private, loopback, documentation, ...): no read.
+        error: the lookup raised (closed or corrupt database).
+    """
+
+    __slots__ = ("error", "found", "not_found", "special")
+
+    def __init__(self) -> None:
+        self.found = self.not_found = self.special = self.error = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """``{"found": n, "not_found": n, "special": n, "error": n}``."""
+        return {
+            "found": self.found,
+            "not_found": self.not_found,
+            "special": self.special,
+            "error": self.error,
+        }
 
 
 class GeoSchema(enum.StrEnum):
@@ -174,6 +203,7 @@ class GeoDatabase:
         node_count: search tree nodes (metadata), a rough size of the database.
         ip_version: 4 or 6 (a 6 database answers IPv4 too).
         size_bytes: file size when opened, in bytes.
+        counts: lookups by result (LookupCounts), shared across reloads when passed in.
     """
 
     __slots__ = (
@@ -181,6 +211,7 @@ class GeoDatabase:
         "_lru",
         "_reader",
         "build_epoch",
+        "counts",
         "database_type",
         "ip_version",
         "node_count",
@@ -190,7 +221,13 @@ class GeoDatabase:
     )
 
     def __init__(
-        self, reader: Any, *, path: str, size_bytes: int, cache_size: int = DEFAULT_CACHE_SIZE
+        self,
+        reader: Any,
+        *,
+        path: str,
+        size_bytes: int,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        counts: LookupCounts | None = None,
     ) -> None:
         """Wrap an open ``maxminddb`` reader; use ``open`` or ``open_sync`` instead.
 
@@ -208,6 +245,7 @@ class GeoDatabase:
         self.node_count: int = int(meta.node_count)
         self.ip_version: int = int(meta.ip_version)
         self.size_bytes = size_bytes
+        self.counts = counts if counts is not None else LookupCounts()
         self._reader = reader
         self._lru = functools.lru_cache(maxsize=cache_size)(
             _make_resolver(reader, _EXTRACTORS[self.schema], ipv4_only=self.ip_version == 4)
@@ -216,13 +254,18 @@ class GeoDatabase:
 
     @classmethod
     async def open(
-        cls, path: str | os.PathLike[str], *, cache_size: int = DEFAULT_CACHE_SIZE
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        counts: LookupCounts | None = None,
     ) -> GeoDatabase:
         """Open a database without blocking the event loop (file work runs in a thread).
 
         Args:
             path: the ``.mmdb`` file.
             cache_size: lookups remembered in the LRU; 0 disables it.
+            counts: where lookups are counted; pass the old database's on reload.
 
         Returns:
             The open GeoDatabase.
@@ -231,11 +274,15 @@ class GeoDatabase:
             GeoDatabaseError: missing or unreadable file, not a MaxMind DB, or a database
                 without country data (e.g. GeoIP2-Anonymous-IP).
         """
-        return await asyncio.to_thread(cls.open_sync, path, cache_size=cache_size)
+        return await asyncio.to_thread(cls.open_sync, path, cache_size=cache_size, counts=counts)
 
     @classmethod
     def open_sync(
-        cls, path: str | os.PathLike[str], *, cache_size: int = DEFAULT_CACHE_SIZE
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        counts: LookupCounts | None = None,
     ) -> GeoDatabase:
         """Open a database, blocking; for use outside an event loop (CLI, config check).
 
@@ -245,6 +292,7 @@ class GeoDatabase:
         Args:
             path: the ``.mmdb`` file.
             cache_size: lookups remembered in the LRU; 0 disables it.
+            counts: where lookups are counted; a new LookupCounts when None.
 
         Returns:
             The open GeoDatabase.
@@ -275,7 +323,9 @@ class GeoDatabase:
         except OSError as exc:
             raise GeoDatabaseError(name, f"cannot read: {exc.strerror or exc}") from None
         try:
-            return cls(reader, path=name, size_bytes=st.st_size, cache_size=cache_size)
+            return cls(
+                reader, path=name, size_bytes=st.st_size, cache_size=cache_size, counts=counts
+            )
         except BaseException:
             reader.close()
             raise
@@ -285,7 +335,8 @@ class GeoDatabase:
 
         IPv4-mapped IPv6 is unwrapped first (RFC 4291 §2.5.5.2); special-purpose addresses
         (``is_special_purpose``) get None without a database read. Answers, None included,
-        are kept in a bounded LRU keyed by the address object.
+        are kept in a bounded LRU keyed by the address object. Every call is counted in
+        ``counts`` by result, LRU hits included.
 
         Args:
             ip: an address object (as ``gateway.forwarded`` gives), or its text form.
@@ -300,7 +351,19 @@ class GeoDatabase:
         """
         if isinstance(ip, str):
             ip = ip_address(ip)
-        return self._lookup(ip)
+        try:
+            country = self._lookup(ip)
+        except Exception:
+            self.counts.error += 1
+            raise
+        if country:
+            self.counts.found += 1
+            return country
+        if country is None:
+            self.counts.not_found += 1
+        else:  # "": the resolver's mark for a special-purpose address
+            self.counts.special += 1
+        return None
 
     def cache_info(self) -> functools._CacheInfo:
         """LRU statistics: hits, misses, maxsize, currsize (for metrics and tests)."""
@@ -334,7 +397,11 @@ class GeoDatabase:
 def _make_resolver(
     reader: Any, extract: Callable[[Any], str | None], *, ipv4_only: bool
 ) -> Callable[[IPv4Address | IPv6Address], str | None]:
-    """The uncached lookup, a closure so the LRU holds no reference to the GeoDatabase."""
+    """The uncached lookup, a closure so the LRU holds no reference to the GeoDatabase.
+
+    It answers ``""`` (not None) for a special-purpose address, so that ``lookup`` can count
+    those apart from addresses the database does not know, without a second check.
+    """
     get = reader.get
 
     def resolve(ip: IPv4Address | IPv6Address) -> str | None:
@@ -345,7 +412,7 @@ def _make_resolver(
             elif ipv4_only:  # the reader raises ValueError for IPv6 in an IPv4-only tree
                 return None
         if is_special_purpose(ip):
-            return None
+            return ""
         record = get(ip)
         return None if record is None else extract(record)
 

@@ -2,20 +2,33 @@
 
 Names carry the ``geogate_`` prefix and base units (``_seconds``, ``_total``); labels come
 only from bounded sets: zone, region, endpoint (from config), route prefix, status class,
-result, reason (Prometheus naming guide). State that already lives in the upstream objects
-(health, ejection, breaker state, latency) is read at scrape time by a collector instead of
-being mirrored into gauges on the request path.
+result, reason (Prometheus naming guide, https://prometheus.io/docs/practices/naming/).
+Tenant ids, paths and client addresses are never labels. State that already lives in other
+objects (health, ejection, breaker state, latency, GeoIP lookup counts) is read at scrape time
+by a collector instead of being mirrored into metrics on the request path.
+
+Request timeline (loop clock, seconds) and the histograms cut from it::
+
+    start        first_sent      upstream_headers_at    headers_sent          end
+      |--overhead--|--upstream first byte--|--overhead--|--streaming body--|
+      |-------------------- request_first_byte ---------|                  |
+      |------------------------------ request_duration ---------------------|
+                   |---------------- upstream_duration (attempt sent -> body end) ---|
+
+Hot path: label children are looked up once per label set and kept in dicts (``labels()``
+builds a tuple and takes a lock on each call); one request costs a dict lookup per family.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway import __version__
 from gateway.breaker import BreakerState
 from gateway.outlier import OutlierState
 
@@ -23,12 +36,31 @@ if TYPE_CHECKING:
     from gateway.budget import RetryBudget
     from gateway.cachestore import MemoryCache
     from gateway.exchange import Exchange
+    from gateway.geo import GeoDatabase
     from gateway.upstreams import Upstreams
 
-__all__ = ["CacheStateCollector", "Metrics", "UpstreamStateCollector"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "OVERHEAD_BUCKETS",
+    "CacheStateCollector",
+    "GeoCollector",
+    "Metrics",
+    "UpstreamStateCollector",
+]
 
 
 _STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+# seconds: from a loopback hop (sub-millisecond) to a long LLM answer (the last bucket, 30 s,
+# below the default first_byte timeout of 60 s; longer ones land in +Inf)
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# seconds: the gateway's own share is tens to hundreds of microseconds, so the buckets start
+# lower; an overhead of a second means something queued on the loop (GC, blocking call)
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
 
 
 class UpstreamStateCollector(Collector):
@@ -95,6 +127,39 @@ class UpstreamStateCollector(Collector):
         yield retries
 
 
+class GeoCollector(Collector):
+    """Scrape-time GeoIP figures of the database in use (it may be swapped by a reload).
+
+    ``geogate_geoip_lookups_total{result}`` (result: found, not_found, special, error) comes
+    from the database's ``LookupCounts``; ``geogate_geoip_database_build_timestamp_seconds``
+    from its MaxMind DB metadata ``build_epoch`` (seconds since the Unix epoch), so an
+    operator can alert on a stale database. Nothing is exported while no database is open.
+
+    Args:
+        geodb: returns the database in use, or None.
+    """
+
+    def __init__(self, geodb: Callable[[], GeoDatabase | None]) -> None:
+        self._geodb = geodb
+
+    def collect(self) -> Iterator[Metric]:
+        db = self._geodb()
+        if db is None:
+            return
+        lookups = CounterMetricFamily(
+            "geogate_geoip_lookups", "GeoIP lookups by result (found, not_found, special, error)",
+            labels=["result"],
+        )  # fmt: skip
+        for result, count in db.counts.as_dict().items():
+            lookups.add_metric([result], float(count))
+        built = GaugeMetricFamily(
+            "geogate_geoip_database_build_timestamp_seconds",
+            "build time of the GeoIP database in use (MaxMind DB metadata build_epoch)",
+        )
+        built.add_metric([], float(db.build_epoch))
+        yield from (lookups, built)
+
+
 class CacheStateCollector(Collector):
     """Scrape-time gauges of the in-process cache (L1): stored bytes and entries.
 
@@ -121,17 +186,44 @@ class Metrics:
     """The gateway's counters and histograms, in their own registry.
 
     One instance per GatewayServer: tests read ``registry.get_sample_value(...)``; the admin
-    listener serves ``registry`` at ``/metrics``.
+    listener serves ``registry`` at ``/metrics``. Histograms use ``LATENCY_BUCKETS`` (seconds),
+    the gateway overhead ``OVERHEAD_BUCKETS``.
+
+    Args:
+        registry: where to register; a new CollectorRegistry when None.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        Info("geogate_build", "the running gateway's version", registry=r).info(
+            {"version": __version__}
+        )
         self.requests = Counter(
-            "geogate_requests", "requests answered, by route, zone and status class",
-            ["route", "zone", "status_class"], registry=r,
+            "geogate_requests",
+            "requests answered, by route, zone, serving region (none: answered by the gateway) "
+            "and status class",
+            ["route", "zone", "region", "status_class"], registry=r,
         )  # fmt: skip
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self.request_duration = Histogram(
+            "geogate_request_duration_seconds",
+            "request received -> response complete (a streamed body included)",
+            ["route", "zone"], registry=r, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.request_first_byte = Histogram(
+            "geogate_request_first_byte_seconds",
+            "request received -> response headers sent to the client",
+            ["route", "zone"], registry=r, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.gateway_overhead = Histogram(
+            "geogate_gateway_overhead_seconds",
+            "time spent in the gateway itself: received -> first attempt sent, plus upstream "
+            "headers received -> client headers sent; a local reply's whole time to first byte",
+            ["route"], registry=r, buckets=OVERHEAD_BUCKETS,
+        )  # fmt: skip
+        self._request_children: dict[tuple[str, str, str, int], Counter] = {}
+        self._timer_children: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
+        self._upstream_children: dict[str, tuple[Histogram, Histogram]] = {}
         self.upstream_attempts = Counter(
             "geogate_upstream_attempts", "attempts sent upstream, by region and result",
             ["region", "result"], registry=r,
@@ -188,19 +280,105 @@ class Metrics:
             "geogate_stream_aborts", "responses cut after their headers went out",
             ["region", "reason"], registry=r,
         )  # fmt: skip
-        self.upstream_duration = Histogram(
+        self.upstream_first_byte = Histogram(
             "geogate_upstream_first_byte_seconds",
             "time from sending an attempt to its response headers",
-            ["region"], registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            ["region"], registry=r, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        self.upstream_duration = Histogram(
+            "geogate_upstream_duration_seconds",
+            "time from sending an attempt to the end of its response body",
+            ["region"], registry=r, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        # config reloads (gateway.reload): the running version is the one label set at 1
+        self.config_info = Gauge(
+            "geogate_config_info", "1 for the running config version (sha256 prefix)",
+            ["version"], registry=r,
+        )  # fmt: skip
+        self.config_reloads = Counter(
+            "geogate_config_reloads", "config reloads by result (success, error)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        for result in ("success", "error"):
+            self.config_reloads.labels(result)
+        self.config_last_reload = Gauge(
+            "geogate_config_last_reload_timestamp_seconds",
+            "Unix time the running config was loaded (at start or by the last successful reload)",
+            registry=r,
+        )
 
-    def count_request(self, ex: Exchange) -> None:
-        """Count one answered request (``geogate_requests_total``); cheap: children cached."""
-        key = (ex.route.prefix if ex.route else "none", ex.zone or "none", (ex.status or 0) // 100)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(
-                key[0], key[1], _STATUS_CLASSES.get(key[2], "other")
+    def _upstream(self, region: str) -> tuple[Histogram, Histogram]:
+        children = self._upstream_children.get(region)
+        if children is None:
+            children = self._upstream_children[region] = (
+                self.upstream_first_byte.labels(region),
+                self.upstream_duration.labels(region),
             )
-        child.inc()
+        return children
+
+    def observe_upstream_first_byte(self, region: str, seconds: float) -> None:
+        """One attempt's wait for response headers (``geogate_upstream_first_byte_seconds``).
+
+        Args:
+            region: the endpoint's region.
+            seconds: attempt sent -> response headers received.
+        """
+        self._upstream(region)[0].observe(seconds)
+
+    def observe_upstream_duration(self, region: str, seconds: float) -> None:
+        """One attempt whose body was read to its end (``geogate_upstream_duration_seconds``).
+
+        Args:
+            region: the endpoint's region.
+            seconds: attempt sent -> last body byte received.
+        """
+        self._upstream(region)[1].observe(seconds)
+
+    def observe_request(self, ex: Exchange, end: float) -> None:
+        """Count one finished request and observe its timings; cheap: children cached.
+
+        ``geogate_requests_total`` and ``geogate_request_duration_seconds`` always (a client
+        that left ends the duration early); ``geogate_request_first_byte_seconds`` and
+        ``geogate_gateway_overhead_seconds`` once response headers went out. When no upstream
+        answered (502 or 504 after the attempts), only the overhead before the first attempt
+        is observed: the gap between the last failure and the answer is not the gateway's.
+
+        Args:
+            ex: the finished exchange: ``route``, ``zone``, ``endpoint`` (its region is the
+                region label; "none" when no attempt was made), ``status`` and the loop
+                timestamps.
+            end: loop time the response was complete (or the handler ended), seconds.
+        """
+        route = ex.route.prefix if ex.route is not None else "none"
+        zone = ex.zone or "none"
+        endpoint = ex.endpoint
+        region = endpoint.region if endpoint is not None else "none"
+        key = (route, zone, region, (ex.status or 0) // 100)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(
+                route, zone, region, _STATUS_CLASSES.get(key[3], "other")
+            )
+        counter.inc()
+        timers = self._timer_children.get((route, zone))
+        if timers is None:
+            timers = self._timer_children[(route, zone)] = (
+                self.request_duration.labels(route, zone),
+                self.request_first_byte.labels(route, zone),
+                self.gateway_overhead.labels(route),
+            )
+        start = ex.start
+        timers[0].observe(end - start)
+        sent = ex.headers_sent
+        if sent is None:
+            return
+        timers[1].observe(sent - start)
+        first = ex.first_sent
+        if first is None:  # a local reply: cache hit, 401, 429, ...
+            timers[2].observe(sent - start)
+            return
+        overhead = first - start
+        answered = ex.upstream_headers_at
+        if answered is not None and answered <= sent:
+            overhead += sent - answered
+        timers[2].observe(overhead)

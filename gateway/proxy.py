@@ -67,11 +67,12 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 
 
 class _BodyState:
-    __slots__ = ("started", "too_large")
+    __slots__ = ("relayed", "started", "too_large")
 
     def __init__(self) -> None:
         self.started = False  # a streamed body began to be sent: it cannot be replayed
         self.too_large = False
+        self.relayed = 0  # bytes of a streamed body relayed so far
 
 
 def _result_of(err: GatewayError) -> str:
@@ -117,11 +118,10 @@ async def _limited_body(
     content: aiohttp.StreamReader, limit: int, state: _BodyState
 ) -> AsyncIterator[bytes]:
     """Relay a request body chunk by chunk, stopping once it passes ``limit`` bytes."""
-    seen = 0
     state.started = True
     async for chunk in content.iter_any():
-        seen += len(chunk)
-        if seen > limit:
+        state.relayed += len(chunk)
+        if state.relayed > limit:
             state.too_large = True
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
         yield chunk
@@ -233,6 +233,13 @@ class HttpForwarder:
         headers["X-Request-Id"] = ex.request_id
         if ex.zone is not None:
             headers["X-Residency-Zone"] = ex.zone
+        trace = ex.trace
+        if trace is not None:  # W3C Trace Context: same trace, the gateway's span as parent
+            headers["traceparent"] = trace.traceparent()
+            if trace.tracestate is None:
+                headers.popall("tracestate", None)
+            else:
+                headers["tracestate"] = trace.tracestate
         return headers
 
     def _response_headers(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
@@ -341,11 +348,17 @@ class HttpForwarder:
                 ex.endpoint = endpoint
                 ex.attempts += 1
                 url = URL(endpoint.origin + target, encoded=True)
-                sent_at = loop.time()
+                ex.attempt_sent = sent_at = loop.time()
+                if ex.first_sent is None:
+                    ex.first_sent = sent_at
+                ex.upstream_headers_at = ex.upstream_end = None  # of an earlier attempt
                 try:
                     upstream = await self._send(ex, route, url, headers, body, state, deadline)
-                    first_byte = loop.time() - sent_at
+                    ex.upstream_headers_at = answered = loop.time()
                     data = await self._read_small(ex, route, upstream, deadline)
+                    if data is not None:
+                        ex.upstream_end = done = loop.time()
+                        self._metrics.observe_upstream_duration(endpoint.region, done - sent_at)
                 except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as err:
                     self._finish(lease, success=False, result=_result_of(err))
                     reason = _retry_reason(err, idempotent=idempotent)
@@ -363,7 +376,7 @@ class HttpForwarder:
                 except BaseException:
                     lease.release(None)
                     raise
-                self._record_first_byte(endpoint, first_byte)
+                self._record_first_byte(endpoint, answered - sent_at)
                 status = upstream.status
                 if status in route.retry_statuses and idempotent and replayable:
                     retry_after = parse_retry_after(
@@ -384,6 +397,8 @@ class HttpForwarder:
                     local = ex.response_hook(ex, status, upstream.headers)
                     if local is not None:  # answered from elsewhere (a 304 -> the entry)
                         upstream.release()
+                        if ex.upstream_end is None:
+                            ex.upstream_end = loop.time()
                         self._finish(lease, success=True, result=f"status_{status // 100}xx")
                         return local
                 return await self._stream_back(ex, route, upstream, data, lease, deadline)
@@ -391,6 +406,8 @@ class HttpForwarder:
             if holding_retry:
                 budget.release_retry()
             budget.request_finished()
+            if state.started:
+                ex.bytes_in = state.relayed
 
     async def _next_attempt(
         self,
@@ -495,7 +512,7 @@ class HttpForwarder:
 
     def _record_first_byte(self, endpoint: Endpoint, seconds: float) -> None:
         self._upstreams.record_rtt(endpoint, seconds)
-        self._metrics.upstream_duration.labels(endpoint.region).observe(seconds)
+        self._metrics.observe_upstream_first_byte(endpoint.region, seconds)
 
     async def _send(
         self,
@@ -615,6 +632,8 @@ class HttpForwarder:
                 )
                 ex.status = status
                 await prepared.prepare(request)
+                ex.headers_sent = loop.time()
+                ex.bytes_out = 0  # body bytes, in case the stream breaks before write_eof
                 reader = upstream.content
                 tap = None
                 if ex.token_reservation and upstream.content_type == "text/event-stream":
@@ -625,12 +644,19 @@ class HttpForwarder:
                             chunk = tap.feed(chunk)
                         if chunk:
                             await prepared.write(chunk)
+                            ex.bytes_out += len(chunk)
                             if capture is not None:
                                 capture.feed(chunk)
                         timer.reschedule(min(loop.time() + idle, deadline))
+                ex.upstream_end = done = loop.time()
+                if ex.attempt_sent is not None and ex.endpoint is not None:
+                    self._metrics.observe_upstream_duration(
+                        ex.endpoint.region, done - ex.attempt_sent
+                    )
                 if tap is not None:
                     if rest := tap.flush():
                         await prepared.write(rest)
+                        ex.bytes_out += len(rest)
                         if capture is not None:
                             capture.feed(rest)
                     ex.usage_tokens = tap.usage
@@ -652,6 +678,8 @@ class HttpForwarder:
             raise
         finally:
             upstream.release()
+            if ex.upstream_end is None:  # the body broke off, or the client left
+                ex.upstream_end = loop.time()
             self._finish(lease, success=success, result=result)
         if prepared is None:
             raise err

@@ -637,14 +637,17 @@ async def test_requests_are_counted_by_route_zone_and_status_class(
     registry = SERVERS[gw].metrics.registry
     sample = registry.get_sample_value
     assert (
-        sample("geogate_requests_total", {"route": "/", "zone": "eu", "status_class": "2xx"}) == 2
-    )
+        sample("geogate_requests_total",
+               {"route": "/", "zone": "eu", "region": "eu-west-1", "status_class": "2xx"}) == 2
+    )  # fmt: skip
     assert (
-        sample("geogate_requests_total", {"route": "/", "zone": "us", "status_class": "2xx"}) == 1
-    )
+        sample("geogate_requests_total",
+               {"route": "/", "zone": "us", "region": "us-east-1", "status_class": "2xx"}) == 1
+    )  # fmt: skip
     assert (
-        sample("geogate_requests_total", {"route": "/", "zone": "cn", "status_class": "4xx"}) == 1
-    )
+        sample("geogate_requests_total",
+               {"route": "/", "zone": "cn", "region": "none", "status_class": "4xx"}) == 1
+    )  # fmt: skip
 
 
 # --- tenants ---------------------------------------------------------------------------------
