@@ -349,6 +349,32 @@ class Breaker:
         left = self._reset_timeout - (self._clock.now() - opened)
         return left if left > 0 else None
 
+    def reconfigure(
+        self, *, fail_max: int, reset_timeout: float, half_open_max_concurrent: int
+    ) -> None:
+        """Apply new limits (a config reload) keeping the state, failure count and slots.
+
+        An OPEN breaker's remaining time is measured against the new ``reset_timeout``; a
+        failure count already at or above a lower ``fail_max`` opens it at the next failure.
+
+        Args:
+            fail_max: consecutive failures that open the breaker (>= 1).
+            reset_timeout: seconds OPEN lasts before trials are let through (>= 0).
+            half_open_max_concurrent: trial requests in flight at once in HALF_OPEN (>= 1).
+
+        Raises:
+            ValueError: a limit is out of range (nothing is changed then).
+        """
+        if fail_max < 1 or not reset_timeout >= 0 or half_open_max_concurrent < 1:
+            raise ValueError(
+                f"bad breaker limits: fail_max={fail_max}, reset_timeout={reset_timeout}, "
+                f"half_open_max_concurrent={half_open_max_concurrent}"
+            )
+        self._cb.fail_max = fail_max
+        self._cb.reset_timeout = reset_timeout
+        self._reset_timeout = float(reset_timeout)
+        self._max_trials = half_open_max_concurrent
+
     def snapshot(self) -> dict[str, object]:
         """The breaker as JSON-ready values, for the admin API and tests.
 

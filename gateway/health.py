@@ -35,7 +35,7 @@ import enum
 import errno
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -230,7 +230,7 @@ class _EndpointHealth:
 
 
 class HealthChecker:
-    """Probes a fixed set of endpoints, one sequential loop per endpoint.
+    """Probes a set of endpoints, one sequential loop per endpoint; ``update()`` changes the set.
 
     Args:
         session: the ClientSession probes use; a dedicated small one (own connector,
@@ -267,16 +267,70 @@ class HealthChecker:
         self._on_rtt = on_rtt
         self._rng = rng if rng is not None else random.SystemRandom()
         self._headers = {**(headers or {}), **_PROBE_HEADERS}
-        initial = ProbeState.HEALTHY if settings.initially_healthy else ProbeState.UNHEALTHY
         self._endpoints: dict[str, _EndpointHealth] = {}
-        for endpoint in endpoints:
-            origin = endpoint.rstrip("/")
-            base = URL(origin)
-            if not base.absolute or base.scheme not in _SCHEMES or base.path not in ("", "/"):
-                raise ValueError(f"not an http(s) origin: {endpoint!r}")
+        self._group: asyncio.TaskGroup | None = None  # set while run() is running
+        self._loops: dict[str, asyncio.Task[None]] = {}  # origin -> its probe loop
+        for origin in _origins(endpoints):
             if origin not in self._endpoints:  # a duplicate is probed once
-                url = URL(origin + settings.path)
-                self._endpoints[origin] = _EndpointHealth(url, initial)
+                self._endpoints[origin] = self._new_record(origin)
+
+    def _new_record(self, origin: str) -> _EndpointHealth:
+        settings = self._settings
+        initial = ProbeState.HEALTHY if settings.initially_healthy else ProbeState.UNHEALTHY
+        return _EndpointHealth(URL(origin + settings.path), initial)
+
+    def update(
+        self,
+        endpoints: Sequence[str],
+        settings: ProbeSettings | None = None,
+        *,
+        restart: Iterable[str] = (),
+    ) -> tuple[list[str], list[str]]:
+        """Probe a new set of endpoints (a config reload) without disturbing the others.
+
+        Endpoints in both sets keep their verdict, counters and running probe loop (its next
+        wait is not reset). New ones get a fresh record (``initially_healthy``) and, while
+        ``run()`` is running, a probe loop of their own whose first wait is jittered as at
+        start; removed ones have their loop cancelled and their record dropped, so no
+        ``on_change`` or ``on_rtt`` is called for them afterwards. Synchronous: call it in the
+        same step as the swap of the endpoint set it mirrors.
+
+        Args:
+            endpoints: the new origins (same form as the constructor's).
+            settings: new probe settings, or None to keep them. Running loops use the new
+                interval, jitter, timeout and thresholds from their next probe on; a new
+                ``path`` applies to every endpoint's next probe.
+            restart: origins of both sets to treat as new all the same (their record and
+                loop start over), e.g. an endpoint that moved to another region.
+
+        Returns:
+            ``(added, removed)`` origins, in order.
+
+        Raises:
+            ValueError: an endpoint is not an absolute ``http``/``https`` origin (nothing is
+                changed then).
+        """
+        wanted = list(dict.fromkeys(_origins(endpoints)))
+        restart = set(restart)
+        if settings is not None:
+            if settings.path != self._settings.path:
+                for origin, record in self._endpoints.items():
+                    record.url = URL(origin + settings.path)
+            self._settings = settings
+        removed = [o for o in self._endpoints if o not in wanted or o in restart]
+        for origin in removed:
+            del self._endpoints[origin]
+            loop = self._loops.pop(origin, None)
+            if loop is not None:
+                loop.cancel()
+        added = [o for o in wanted if o not in self._endpoints]
+        for origin in added:
+            self._endpoints[origin] = self._new_record(origin)
+            if self._group is not None:
+                self._start_loop(self._group, origin)
+        # keep the caller's order (the admin API lists endpoints in config order)
+        self._endpoints = {o: self._endpoints[o] for o in wanted}
+        return added, [o for o in removed if o not in wanted]
 
     @property
     def settings(self) -> ProbeSettings:
@@ -345,17 +399,27 @@ class HealthChecker:
         One task per endpoint in an ``asyncio.TaskGroup``; each waits ``next_probe_delay``,
         probes, and repeats, so probes of one endpoint never overlap. An unexpected exception
         in one endpoint's loop is logged (once per streak) and that loop goes on; the others
-        never notice.
+        never notice. ``update()`` adds and cancels loops while this runs.
 
         Raises:
             asyncio.CancelledError: always, in the end: cancel the task running this to stop.
                 Every probe task has finished when it propagates; the session stays open.
         """
-        if not self._endpoints:
-            await asyncio.get_running_loop().create_future()  # nothing to probe: wait for cancel
-        async with asyncio.TaskGroup() as tasks:
-            for origin in self._endpoints:
-                tasks.create_task(self._probe_loop(origin), name=f"health-probe {origin}")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._group = tasks
+                for origin in self._endpoints:
+                    self._start_loop(tasks, origin)
+                await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self._group = None
+            self._loops.clear()
+
+    def _start_loop(self, tasks: asyncio.TaskGroup, origin: str) -> None:
+        # a loop cancelled by update() ends as "cancelled", which a TaskGroup ignores
+        self._loops[origin] = tasks.create_task(
+            self._probe_loop(origin), name=f"health-probe {origin}"
+        )
 
     async def probe_once(self, origin: str) -> ProbeResult:
         """Probe ``origin`` once now and count the result against the thresholds.
@@ -375,6 +439,8 @@ class HealthChecker:
         """
         health = self._endpoints[origin]
         result = await self._fetch(health.url)
+        if self._endpoints.get(origin) is not health:
+            return result  # update() removed or restarted it meanwhile: not ours to report
         loop_time = asyncio.get_running_loop().time()
         # No await from here on: the record and the callbacks see one consistent state.
         changed = health.record(result, loop_time, self._settings)
@@ -432,9 +498,9 @@ class HealthChecker:
         return ProbeResult(ok=True, status=status, rtt=rtt)
 
     async def _probe_loop(self, origin: str) -> None:
-        settings, rng = self._settings, self._rng
+        rng = self._rng
         health = self._endpoints[origin]
-        delay = next_probe_delay(settings.interval, settings.jitter, rng, first=True)
+        delay = next_probe_delay(self._settings.interval, self._settings.jitter, rng, first=True)
         while True:
             await asyncio.sleep(delay)
             try:
@@ -450,7 +516,22 @@ class HealthChecker:
                 if health.internal_error:
                     health.internal_error = False
                     log.warning("health probe of %s works again", origin)
+            settings = self._settings  # update() may have changed them
             delay = next_probe_delay(settings.interval, settings.jitter, rng, first=False)
+
+
+def _origins(endpoints: Iterable[str]) -> Iterator[str]:
+    """Normalised origins (no trailing slash).
+
+    Raises:
+        ValueError: an endpoint is not an absolute ``http``/``https`` origin.
+    """
+    for endpoint in endpoints:
+        origin = endpoint.rstrip("/")
+        base = URL(origin)
+        if not base.absolute or base.scheme not in _SCHEMES or base.path not in ("", "/"):
+            raise ValueError(f"not an http(s) origin: {endpoint!r}")
+        yield origin
 
 
 def _reason(exc: BaseException) -> str:

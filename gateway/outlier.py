@@ -110,7 +110,6 @@ class OutlierDetector:
         "_clock",
         "_hosts",
         "_max_time",
-        "_out",
         "_threshold",
         "_trial_requests",
     )
@@ -152,7 +151,6 @@ class OutlierDetector:
         self._cap = max(1, math.floor(round(max_ejection_share * len(keys), 9)))
         now = clock.now()
         self._hosts = {key: _Host(now) for key in keys}
-        self._out = 0  # endpoints EJECTED or TRIAL
 
     @property
     def max_ejected(self) -> int:
@@ -223,9 +221,8 @@ class OutlierDetector:
                 host.consecutive = 0
                 return False
             host.consecutive += 1
-            if host.consecutive < self._threshold or self._out >= self._cap:
+            if host.consecutive < self._threshold or self.ejected_count() >= self._cap:
                 return False
-            self._out += 1
             self._eject(host, self._clock.now())
             return True
         if state is _EJECTED or host.trials == 0:
@@ -238,9 +235,8 @@ class OutlierDetector:
             host.consecutive = 0
             host.trials = 0
             host.decay_mark = self._clock.now()
-            self._out -= 1
             return False
-        self._eject(host, self._clock.now())  # already counted in _out
+        self._eject(host, self._clock.now())  # already out (TRIAL): the count is unchanged
         return True
 
     def returns_in(self, key: str) -> float | None:
@@ -257,7 +253,9 @@ class OutlierDetector:
 
     def ejected_count(self) -> int:
         """Endpoints out of normal service now: EJECTED or TRIAL (what the share cap counts)."""
-        return self._out
+        # Counted, not tracked: records may be shared with a previous detector (adopt()), so a
+        # request released there can move one; O(endpoints), read only at an ejection.
+        return sum(h.state is not _ACTIVE for h in self._hosts.values())
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         """Every endpoint's outlier state as JSON-ready values, for the admin API and tests.
@@ -293,6 +291,28 @@ class OutlierDetector:
             self._decay(host, self._clock.now())
         return host.times_ejected
 
+    def adopt(self, previous: OutlierDetector) -> list[str]:
+        """Take over the records of the endpoints this detector shares with ``previous``.
+
+        For a config reload: the new detector of a region (new endpoint set or new limits)
+        continues each kept endpoint's state, consecutive failures, ejection multiplier and
+        in-flight count instead of starting it ACTIVE. The records are shared, not copied,
+        so requests that started on ``previous`` and release there still count (a trial
+        slot taken there is freed there). The share cap counts the adopted states: with
+        fewer endpoints it may be exceeded until endpoints come back, never by a new
+        ejection.
+
+        Args:
+            previous: the region's detector before the reload (same clock).
+
+        Returns:
+            The adopted keys.
+        """
+        adopted = [key for key in self._hosts if key in previous._hosts]
+        for key in adopted:
+            self._hosts[key] = previous._hosts[key]
+        return adopted
+
     def _eject(self, host: _Host, now: float) -> None:
         if host.state is _ACTIVE:
             self._decay(host, now)
@@ -310,4 +330,5 @@ class OutlierDetector:
             host.decay_mark += steps * self._base
 
     def __repr__(self) -> str:
-        return f"<OutlierDetector endpoints={len(self._hosts)} out={self._out}/{self._cap}>"
+        out = self.ejected_count()
+        return f"<OutlierDetector endpoints={len(self._hosts)} out={out}/{self._cap}>"

@@ -10,7 +10,8 @@ Limits of a policy (``rate_limits`` in the config), each optional:
 
 The counters live in the control Redis when one is configured (every gateway instance shares
 them: one atomic script per decision, on Redis server time), else in process. Keys are
-``tenant|route index|kind``: one tenant's limits never touch another's.
+``tenant|route ident|kind`` (``Route.ident`` is host + prefix, stable across config reloads):
+one tenant's limits never touch another's, and a reload keeps every tenant's counters.
 
 Answers (draft-ietf-httpapi-ratelimit-headers, structured-field form): a refused request gets
 ``429`` problem+json with ``Retry-After`` (RFC 9110 §10.2.3), ``RateLimit-Policy`` and
@@ -293,7 +294,7 @@ class RateLimitStage:
             return None
         assert ex.route is not None
         assert ex.tenant is not None
-        base = f"{ex.tenant.id}|{ex.route.index}"
+        base = f"{ex.tenant.id}|{ex.route.ident}"
         store, trouble = self._store, policy.trouble
         charged: list[tuple[str, float, Limit]] = []
         decisions: list[Decision] = []
@@ -396,7 +397,7 @@ class RateLimitStage:
         if reserved and policy.tokens is not None and ex.usage_tokens is not None:
             assert ex.route is not None
             assert ex.tenant is not None
-            key = f"{ex.tenant.id}|{ex.route.index}|tpm"
+            key = f"{ex.tenant.id}|{ex.route.ident}|tpm"
             delta = ex.usage_tokens - reserved
             if delta:
                 self._tasks.spawn(

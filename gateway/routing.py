@@ -50,6 +50,9 @@ class Route:
         backoff_base, backoff_cap: full-jitter backoff bounds, seconds.
         auth: ``required``, ``optional`` or ``none`` (API keys).
         rate_limit: default rate-limit policy name, or None.
+        ident: stable identity across config reloads, ``"/v1/"`` or ``"api.example.com/v1/"``
+            (host + prefix, unique per config): rate-limit counters are keyed by it, so they
+            survive a reload that adds, removes or reorders other routes.
     """
 
     index: int
@@ -68,6 +71,7 @@ class Route:
     backoff_cap: float = 0.25
     auth: str = "none"
     rate_limit: str | None = None
+    ident: str = ""
 
 
 class RouteTable:
@@ -101,6 +105,7 @@ class RouteTable:
                 backoff_cap=r.retry.backoff_cap,
                 auth=r.auth,
                 rate_limit=r.rate_limit,
+                ident=(r.host.lower() if r.host else "") + r.prefix,
             )
             for i, r in enumerate(routes)
         ]

@@ -88,9 +88,26 @@ class Endpoint:
 
 
 class Region:
-    """A region: its endpoints, their outlier detector, drain state and measured latency."""
+    """A region: its endpoints, their outlier detector, drain state and measured latency.
 
-    __slots__ = ("by_origin", "drained", "endpoints", "latency", "name", "outliers", "zones")
+    Attributes:
+        drained: no new requests go to the region (in-flight ones finish).
+        config_drained: what the config's ``drained`` says.
+        admin_drained: what an operator set at run time (admin API), or None: the config
+            decides. ``drained`` is ``admin_drained`` when set, else ``config_drained``.
+    """
+
+    __slots__ = (
+        "admin_drained",
+        "by_origin",
+        "config_drained",
+        "drained",
+        "endpoints",
+        "latency",
+        "name",
+        "outliers",
+        "zones",
+    )
 
     def __init__(
         self,
@@ -100,13 +117,16 @@ class Region:
         outliers: OutlierDetector,
         *,
         drained: bool = False,
+        admin_drained: bool | None = None,
     ) -> None:
         self.name = name
         self.zones = tuple(zones)
         self.endpoints = tuple(endpoints)
         self.by_origin = {e.origin: e for e in endpoints}
         self.outliers = outliers
-        self.drained = drained
+        self.config_drained = drained
+        self.admin_drained = admin_drained
+        self.drained = drained if admin_drained is None else admin_drained
         self.latency: float | None = None
 
     def is_endpoint_available(self, endpoint: Endpoint, now: float) -> bool:
@@ -158,6 +178,20 @@ class Lease:
 class Upstreams:
     """Every region's endpoints, built from the config.
 
+    On a config reload the new Upstreams is built with ``previous=`` the running one, and
+    carries over the live state of what did not change (``GatewayServer.reload``):
+
+    * an endpoint whose origin stays in the same region is the same ``Endpoint`` object:
+      health verdict, breaker state, Retry-After hold, in-flight count and latency EWMA are
+      kept (``activate()`` applies new breaker limits and bulkhead to it at the swap);
+      requests still running on the previous Upstreams release into the same object;
+    * a region keeps its outlier detector when its endpoint set and ``upstream.outlier`` are
+      unchanged, else the new detector adopts the records of the kept endpoints;
+    * a region keeps its latency EWMA, and an operator's drain (``set_drained``) unless the
+      config's ``drained`` of that region changed, in which case the config decides.
+
+    An endpoint that is new, or moved to another region, starts fresh (healthy, CLOSED).
+
     Args:
         regions: region name -> RegionConfig, from the validated config.
         upstream: the ``upstream`` config slice (outlier, breaker, bulkhead, EWMA weight).
@@ -166,6 +200,9 @@ class Upstreams:
         rng: random source for the balancer (tests pass a seeded one).
         on_breaker_change: called as ``(region, origin, old, new)`` on each breaker
             transition (metrics, logs).
+        previous: the Upstreams this one replaces (same clock), or None at start.
+        previous_config: the ``upstream`` slice ``previous`` was built from (required with
+            ``previous``: it tells whether the outlier limits changed).
     """
 
     def __init__(
@@ -177,44 +214,81 @@ class Upstreams:
         clock: Clock,
         rng: random.Random | None = None,
         on_breaker_change: BreakerChange | None = None,
+        previous: Upstreams | None = None,
+        previous_config: UpstreamConfig | None = None,
     ) -> None:
         self.clock = clock
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng: random.Random = rng or (previous._rng if previous else random.Random())
         self._alpha = upstream.latency_ewma_alpha
         self.own_region = own_region
         bc, oc = upstream.breaker, upstream.outlier
+        old_regions = previous.regions if previous is not None else {}
+        same_outlier = previous_config is not None and previous_config.outlier == oc
         self.regions: dict[str, Region] = {}
         for name, rc in regions.items():
-            endpoints = [
-                Endpoint(
-                    name,
-                    origin,
-                    breaker=Breaker(
-                        f"{name} {URL(origin).host}:{URL(origin).port}",
-                        fail_max=bc.fail_max,
-                        reset_timeout=bc.reset_timeout,
-                        half_open_max_concurrent=bc.half_open_max_concurrent,
-                        clock=clock,
-                        on_state_change=_notify(on_breaker_change, name, origin),
-                    ),
-                    max_concurrent=upstream.max_concurrent_per_endpoint,
+            old = old_regions.get(name)
+            endpoints: list[Endpoint] = []
+            for origin in rc.endpoints:
+                kept = old.by_origin.get(origin.rstrip("/")) if old is not None else None
+                if kept is None:
+                    kept = Endpoint(
+                        name,
+                        origin,
+                        breaker=Breaker(
+                            f"{name} {URL(origin).host}:{URL(origin).port}",
+                            fail_max=bc.fail_max,
+                            reset_timeout=bc.reset_timeout,
+                            half_open_max_concurrent=bc.half_open_max_concurrent,
+                            clock=clock,
+                            on_state_change=_notify(on_breaker_change, name, origin),
+                        ),
+                    )
+                    kept.max_concurrent = upstream.max_concurrent_per_endpoint
+                endpoints.append(kept)
+            origins = [e.origin for e in endpoints]
+            if old is not None and same_outlier and list(old.by_origin) == origins:
+                outliers = old.outliers
+            else:
+                outliers = OutlierDetector(
+                    origins,
+                    consecutive_failures=oc.consecutive_failures,
+                    base_ejection_time=oc.base_ejection_time,
+                    max_ejection_time=oc.max_ejection_time,
+                    max_ejection_share=oc.max_ejection_share,
+                    trial_requests=oc.trial_requests,
+                    clock=clock,
                 )
-                for origin in rc.endpoints
-            ]
-            outliers = OutlierDetector(
-                [e.origin for e in endpoints],
-                consecutive_failures=oc.consecutive_failures,
-                base_ejection_time=oc.base_ejection_time,
-                max_ejection_time=oc.max_ejection_time,
-                max_ejection_share=oc.max_ejection_share,
-                trial_requests=oc.trial_requests,
-                clock=clock,
+                if old is not None:
+                    outliers.adopt(old.outliers)
+            admin = None
+            if old is not None and old.config_drained == rc.drained:
+                admin = old.admin_drained  # the operator's drain outlives a reload
+            region = Region(
+                name, rc.zones, endpoints, outliers, drained=rc.drained, admin_drained=admin
             )
-            self.regions[name] = Region(name, rc.zones, endpoints, outliers, drained=rc.drained)
+            if old is not None:
+                region.latency = old.latency
+            self.regions[name] = region
         self.endpoints: dict[str, Endpoint] = {
             e.origin: e for r in self.regions.values() for e in r.endpoints
         }
+        self._upstream_config = upstream
+
+    def activate(self) -> None:
+        """Apply this config's breaker limits and bulkhead to every endpoint, in place.
+
+        Endpoints kept from ``previous`` are shared with it, so the server calls this at the
+        swap, not while building: a reload that fails later changes nothing that runs.
+        """
+        bc = self._upstream_config.breaker
+        for endpoint in self.endpoints.values():
+            endpoint.breaker.reconfigure(
+                fail_max=bc.fail_max,
+                reset_timeout=bc.reset_timeout,
+                half_open_max_concurrent=bc.half_open_max_concurrent,
+            )
+            endpoint.max_concurrent = self._upstream_config.max_concurrent_per_endpoint
 
     def candidates(self, names: Iterable[str]) -> list[Region]:
         """Available regions among ``names``, best first.
@@ -307,10 +381,14 @@ class Upstreams:
     def set_drained(self, region: str, drained: bool) -> None:
         """Drain (no new requests; in-flight ones finish) or undrain a region.
 
+        This is the operator's decision: it beats the config's ``drained`` and outlives a
+        config reload that leaves that region's ``drained`` as it was.
+
         Raises:
             KeyError: no such region.
         """
-        self.regions[region].drained = drained
+        target = self.regions[region]
+        target.admin_drained = target.drained = drained
 
     def snapshot(self) -> dict[str, object]:
         """Per region and endpoint state, for the admin API and tests (JSON-ready)."""
