@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import __version__
@@ -42,7 +44,9 @@ def _load_or_report(path: Path) -> GatewayConfig | None:
         return None
 
 
-async def _serve_until_signalled(config: GatewayConfig, drain_timeout: float) -> int:
+async def _serve_until_signalled(
+    config: GatewayConfig, drain_timeout: float | None, worker: _WorkerArgs | None = None
+) -> int:
     from gateway.geo import GeoDatabaseError
     from gateway.server import GatewayServer
 
@@ -51,8 +55,19 @@ async def _serve_until_signalled(config: GatewayConfig, drain_timeout: float) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[object]] = set()  # SIGHUP: reload the config file (and GeoIP DB)
+
+    def reload() -> None:  # the outcome is logged and counted by server.reload()
+        task: asyncio.Task[object] = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
-        await server.start()
+        if worker is None:
+            await server.start()
+        else:
+            await server.start(sock=socket.socket(fileno=worker.fd), admin_path=worker.admin)
     except GeoDatabaseError as exc:
         print(f"error: GeoIP database {exc}", file=sys.stderr)
         await server.stop(0)
@@ -61,32 +76,81 @@ async def _serve_until_signalled(config: GatewayConfig, drain_timeout: float) ->
         print(f"error: cannot listen on {config.gateway.listen}: {exc.strerror}", file=sys.stderr)
         await server.stop(0)
         return 1
-    if server.admin_bound:
-        admin = ", ".join(f"{h}:{p}" for h, p in server.admin_bound)
-        print(f"admin listening on {admin}", flush=True)
-    bound = ", ".join(f"{h}:{p}" for h, p in server.bound)
-    print(f"gateway {config.gateway.region} listening on {bound}", flush=True)
+    if worker is None:  # a worker's supervisor prints these once every worker is ready
+        if server.admin_bound:
+            admin = ", ".join(f"{h}:{p}" for h, p in server.admin_bound)
+            print(f"admin listening on {admin}", flush=True)
+        bound = ", ".join(f"{h}:{p}" for h, p in server.bound)
+        print(f"gateway {config.gateway.region} listening on {bound}", flush=True)
     await stop.wait()
-    log.info("stopping: draining for up to %.1f s", drain_timeout)
-    await server.stop(drain_timeout)
+    drain = config.gateway.drain
+    timeout = drain.timeout if drain_timeout is None else drain_timeout
+    log.info("stopping: grace %.1f s, then draining for up to %.1f s", drain.grace, timeout)
+    await server.stop(timeout, grace=drain.grace)
     return 0
 
 
-def run_gateway(config: GatewayConfig, *, drain_timeout: float = 10.0) -> int:
+@dataclass(frozen=True, slots=True)
+class _WorkerArgs:
+    """What the supervisor tells a worker: its slot, socket fd and admin Unix socket path."""
+
+    slot: int
+    fd: int
+    admin: str
+
+
+def run_gateway(
+    config: GatewayConfig,
+    *,
+    drain_timeout: float | None = None,
+    workers: int = 1,
+    log_level: str = "INFO",
+) -> int:
     """Serve ``config`` on uvloop until SIGINT or SIGTERM, then drain and return 0.
+
+    Args:
+        config: the loaded config.
+        drain_timeout: seconds in-flight requests get after the listener closed; None:
+            ``gateway.drain.timeout``. The grace before it is ``gateway.drain.grace``.
+        workers: 1 serves in this process; N >= 2 runs a ``Supervisor`` with N worker
+            processes sharing the listen address through SO_REUSEPORT (``config.source``
+            must be set: each worker loads that file).
+        log_level: the workers' ``--log-level``.
 
     Returns:
         0 after a clean stop, 1 when start-up failed (message on stderr).
     """
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        return runner.run(_serve_until_signalled(config, drain_timeout))
+        if workers <= 1:
+            return runner.run(_serve_until_signalled(config, drain_timeout))
+        from gateway.supervisor import Supervisor
+
+        extra = [] if drain_timeout is None else ["--drain-timeout", str(drain_timeout)]
+        sup = Supervisor(config, workers=workers, worker_argv=extra, log_level=log_level)
+        return runner.run(sup.run())
+
+
+def _run_worker(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from gateway.supervisor import set_parent_death_signal
+
+    set_parent_death_signal()
+    worker = _WorkerArgs(args.worker_slot, args.worker_fd, args.worker_admin)
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(_serve_until_signalled(config, args.drain_timeout, worker))
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
-    return run_gateway(config, drain_timeout=args.drain_timeout)
+    if args.worker_fd is not None:
+        return _run_worker(config, args)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return run_gateway(
+        config, drain_timeout=args.drain_timeout, workers=args.workers, log_level=args.log_level
+    )
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -145,8 +209,21 @@ def _parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run the gateway")
     gw.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help="YAML config")
     gw.add_argument(
-        "--drain-timeout", type=float, default=10.0, help="seconds to finish in-flight requests"
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="seconds to finish in-flight requests (default: gateway.drain.timeout)",
     )
+    gw.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT); SIGUSR2 restarts them in turn",
+    )
+    # set by the supervisor for its workers, not by people
+    gw.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
+    gw.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
+    gw.add_argument("--worker-admin", default=None, help=argparse.SUPPRESS)
     gw.set_defaults(func=_cmd_gateway)
 
     check = sub.add_parser("check-config", help="validate a config; print every error")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,23 @@ class Cluster:
     backend_args: dict[str, list[str]] = field(default_factory=dict)
     admin_urls: dict[str, str] = field(default_factory=dict)  # gateway URL -> admin URL
 
+    def add_backend(self, region: str, *model: str) -> str:
+        """Start one more backend of ``region`` (zones from TOPOLOGY) without waiting for it.
+
+        ``model`` are extra backend arguments such as ``--tokens-per-second 8``. Returns its URL.
+        """
+        url = f"http://127.0.0.1:{free_port()}"
+        self.backend_args[url] = [
+            sys.executable, "-m", "backend", "--region", region, "--zones",
+            ",".join(TOPOLOGY[region][0]), "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+            "--health-ttl", "0", *model,
+        ]  # fmt: skip
+        self.endpoints.setdefault(region, []).append(url)
+        self.backends[url] = subprocess.Popen(
+            self.backend_args[url], cwd=ROOT, stdout=subprocess.PIPE
+        )
+        return url
+
     def start_backend(self, url: str) -> None:
         """(Re)start the backend process of ``url`` and wait until it listens."""
         old = self.backends.get(url)
@@ -135,7 +152,9 @@ class Cluster:
         raw: dict[str, Any] = {
             "gateway": {"region": "us-east-1", "listen": "127.0.0.1:0",
                         "trusted_proxies": trusted, "geodb": str(geodb),
-                        "limits": {"max_body_bytes": "1MiB"}},
+                        "limits": {"max_body_bytes": "1MiB"},
+                        # SIGTERM at teardown: no load balancer to tell, so a short grace
+                        "drain": {"grace": "100ms", "timeout": "10s"}},
             "residency": {"policy": str(ROOT / "config" / "residency.yaml")},
             "regions": {r: {"zones": TOPOLOGY[r][0], "endpoints": eps}
                         for r, eps in self.endpoints.items()},
@@ -148,11 +167,14 @@ class Cluster:
         path.write_text(yaml.safe_dump(raw))
         return path
 
-    def start_gateway(self, config: Path) -> str:
-        """Start a gateway process; returns its base URL (the admin URL: ``admin_url``)."""
+    def start_gateway(self, config: Path, args: Sequence[str] = ()) -> str:
+        """Start a gateway process; returns its base URL (the admin URL: ``admin_url``).
+
+        ``args`` go after ``gateway -c FILE`` (e.g. ``["--workers", "2"]``).
+        """
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--log-level", "WARNING", "gateway", "-c",
-             str(config)],
+             str(config), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=None, env={**os.environ},
         )  # fmt: skip
         self.gateways.append(proc)
@@ -168,19 +190,9 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp=tmp_path_factory.mktemp("cluster"))
     try:
-        for region, (zones, count) in TOPOLOGY.items():
+        for region, (_, count) in TOPOLOGY.items():
             for _ in range(count):
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                c.backend_args[url] = [
-                    sys.executable, "-m", "backend", "--region", region, "--zones",
-                    ",".join(zones), "--host", "127.0.0.1", "--port", str(port),
-                    "--ttft-ms", "20", "--tokens-per-second", "100", "--health-ttl", "0",
-                ]  # fmt: skip
-                c.endpoints.setdefault(region, []).append(url)
-                c.backends[url] = subprocess.Popen(
-                    c.backend_args[url], cwd=ROOT, stdout=subprocess.PIPE
-                )
+                c.add_backend(region, "--ttft-ms", "20", "--tokens-per-second", "100")
         for proc in c.backends.values():
             wait_for_line(proc, b"listening on")
         yield c
