@@ -4,6 +4,9 @@ Reads the gateway config, starts one backend process per endpoint (``python -m b
 each told its region and the zones that region serves), waits until each says it listens,
 starts the gateway in this process, prints ready-to-paste curl lines, and on Ctrl-C or
 SIGTERM stops the gateway (draining) and then the backends.
+
+The admin listener (``127.0.0.1:9901`` unless the config says otherwise) gets a fresh random
+token each run, printed as ``GEOGATE_ADMIN_TOKEN=<token>`` next to the demo tenant's key.
 """
 
 from __future__ import annotations
@@ -11,14 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import secrets
 import signal
 import sys
 
 from yarl import URL
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Listen
 
-__all__ = ["BackendProcess", "run_demo", "start_backends", "stop_backends"]
+__all__ = [
+    "DEMO_ADMIN_LISTEN",
+    "BackendProcess",
+    "run_demo",
+    "start_backends",
+    "stop_backends",
+    "with_admin_token",
+    "with_demo_tenant",
+]
+
+DEMO_ADMIN_LISTEN = Listen(host="127.0.0.1", port=9901)  # when the config names no admin.listen
 
 READY_TIMEOUT = 60.0  # seconds a backend may take to start
 STOP_TIMEOUT = 10.0  # seconds a backend may take to exit after SIGTERM
@@ -118,6 +132,7 @@ async def stop_backends(backends: list[BackendProcess]) -> None:
 
 def _curl_lines(base: str, admin: str | None) -> str:
     json_h = "-H 'Content-Type: application/json' -H \"Authorization: Bearer $GEOGATE_DEMO_KEY\""
+    admin_h = '-H "Authorization: Bearer $GEOGATE_ADMIN_TOKEN"'
     rag = """-d '{"input": {"question": "Where is my data stored?"}}'"""
     chat = (
         """-d '{"model": "geogate-chat", "stream": true, """
@@ -141,9 +156,14 @@ def _curl_lines(base: str, admin: str | None) -> str:
         ]
         + (
             [
-                "  # the gateway's view of every region and endpoint; drain one",
-                f"  curl -s {admin}/status",
-                f"  curl -s -X POST {admin}/regions/eu-west-1/drain",
+                "  # the admin API (own listener; every route but /metrics and the page needs",
+                "  # the admin token): every region and endpoint, the last minute's traffic;",
+                "  # drain a region and undrain it; the effective config, secrets redacted",
+                f"  curl -s {admin}/status {admin_h}",
+                f"  curl -s -X POST {admin}/regions/eu-west-1/drain {admin_h}",
+                f"  curl -s -X POST {admin}/regions/eu-west-1/undrain {admin_h}",
+                f"  curl -s {admin}/config {admin_h}",
+                f"  curl -s {admin}/metrics",
             ]
             if admin
             else []
@@ -162,12 +182,22 @@ def with_demo_tenant(config: GatewayConfig, key: str) -> GatewayConfig:
     return config.model_copy(update={"tenants": (*others, demo)})
 
 
+def with_admin_token(config: GatewayConfig, token: str) -> GatewayConfig:
+    """``config`` with ``token`` as the admin token, listening on ``admin.listen`` or, when
+    the config has no admin listener, on ``DEMO_ADMIN_LISTEN`` (127.0.0.1:9901)."""
+    admin = config.admin.model_copy(
+        update={"listen": config.admin.listen or DEMO_ADMIN_LISTEN, "token": token}
+    )
+    return config.model_copy(update={"admin": admin})
+
+
 async def _demo(config: GatewayConfig, ttft_ms: float, tokens_per_second: float) -> int:
     from gateway.server import GatewayServer
     from gateway.tenants import new_key
 
     key = new_key()
-    config = with_demo_tenant(config, key)
+    admin_token = secrets.token_urlsafe(24)
+    config = with_admin_token(with_demo_tenant(config, key), admin_token)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -196,9 +226,14 @@ async def _demo(config: GatewayConfig, ttft_ms: float, tokens_per_second: float)
     if server.admin_bound:
         admin_host, admin_port = server.admin_bound[0]
         admin = f"http://{admin_host}:{admin_port}"
-    print("The demo tenant's API key (paste this line into your shell first):\n")
-    print(f"GEOGATE_DEMO_KEY={key}\n", flush=True)
+    print("The demo tenant's API key and the admin token (paste both lines into your shell):\n")
+    print(f"GEOGATE_DEMO_KEY={key}")
+    print(f"GEOGATE_ADMIN_TOKEN={admin_token}\n", flush=True)
     print(_curl_lines(base, admin))
+    if admin:
+        # the token rides in the fragment, which the browser never sends to any server; the
+        # page moves it to sessionStorage and removes it from the address bar
+        print(f"\nStatus page (opens with the token once): {admin}/#token={admin_token}")
     print("Press Ctrl-C to stop.", flush=True)
     await stop.wait()
     print("stopping: draining the gateway, then the backends", file=sys.stderr)

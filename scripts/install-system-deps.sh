@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs the system programs the tests and benchmarks need (wrk, redis-server), from Debian's
-# packages, when they are missing. Idempotent; does nothing when everything is present.
+# Installs the system programs the tests and benchmarks need (wrk, redis-server, and chromium
+# for the admin status page's headless-browser test), from Debian's packages, when they are
+# missing. Idempotent; does nothing when everything is present. chromium is the largest
+# (about 80 MB with its libraries) and is only fetched when no chromium binary is on PATH.
 # The tests start their own redis-server processes on free loopback ports; the package's own
 # service, if the machine starts one, is not used.
 set -euo pipefail
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else

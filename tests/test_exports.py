@@ -31,7 +31,7 @@ def test_module_exports(name: str) -> None:
 
 PURE = ["gateway.residency", "gateway.balancer", "gateway.forwarded", "gateway.routing",
         "gateway.outlier", "gateway.budget", "gateway.breaker", "gateway.upstreams", "gateway.gcra",
-        "gateway.httpcache", "gateway.cachekey",
+        "gateway.httpcache", "gateway.cachekey", "gateway.windowstats", "gateway.tracecontext",
         "gateway.headers"]  # fmt: skip
 
 

@@ -50,7 +50,28 @@ def test_demo_starts_serves_and_stops_cleanly(tmp_path: Path) -> None:
         key_line = wait_for_line(proc, b"GEOGATE_DEMO_KEY=").decode().strip()
         assert re.fullmatch(r"GEOGATE_DEMO_KEY=gg_[A-Za-z0-9_-]{40,}", key_line)  # own line
         auth = {"Authorization": f"Bearer {key_line.split('=', 1)[1]}"}
+        token_line = wait_for_line(proc, b"GEOGATE_ADMIN_TOKEN=").decode().strip()
+        assert re.fullmatch(r"GEOGATE_ADMIN_TOKEN=[A-Za-z0-9_-]{32}", token_line)  # own line
+        admin_token = token_line.split("=", 1)[1]
+        page_line = wait_for_line(proc, b"Status page").decode()
+        page = re.search(r"(http://[0-9.:]+)/#token=(\S+)", page_line)
+        assert page is not None
+        admin, fragment = page.groups()
+        assert admin == f"http://{raw['admin']['listen']}"
+        assert fragment == admin_token
         wait_for_line(proc, b"Press Ctrl-C")
+        admin_auth = {"Authorization": f"Bearer {admin_token}"}
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{admin}/status", headers=admin_auth), timeout=10
+        ) as resp:
+            assert set(json.loads(resp.read())["regions"]) == set(raw["regions"])
+        for headers in ({}, {"Authorization": f"Bearer {admin_token}x"}):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(
+                    urllib.request.Request(f"{admin}/status", headers=headers), timeout=10
+                )
+            info.value.close()
+            assert info.value.code == 401
         question = {"input": {"question": "Where is my data stored?"}}
         gb_headers, gb = post_json(
             f"{base}/rag/invoke", question, {"X-Forwarded-For": "2.125.160.216", **auth}
