@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,10 +40,12 @@ __all__ = [
     "MIB",
     "MS",
     "SECONDS",
+    "AccessLogConfig",
     "AdminConfig",
     "BreakerConfig",
     "CacheConfig",
     "ConfigError",
+    "DrainConfig",
     "GatewayConfig",
     "GatewaySection",
     "HealthConfig",
@@ -59,6 +62,7 @@ __all__ = [
     "RouteConfig",
     "TenantConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "UpstreamConfig",
     "ZoneConfig",
     "load_config",
@@ -219,6 +223,38 @@ class LimitsConfig(_Model):
     max_headers: int = Field(default=100, ge=1, le=1000)  # more header fields -> 431
 
 
+class DrainConfig(_Model):
+    """How a gateway process stops on SIGTERM or SIGINT (see ``GatewayServer.stop``).
+
+    Usage::
+
+        drain: {grace: 5s, timeout: 30s}
+    """
+
+    # phase 1: readiness answers 503 and every response says "Connection: close", while the
+    # listener still accepts, so a load balancer sees the process go and keep-alive clients
+    # move to another one before any connection is refused
+    grace: Duration = 5 * SECONDS
+    # phase 2: the listener is closed; in-flight requests and streams get this long to finish,
+    # then they are cancelled and the process exits
+    timeout: Duration = 30 * SECONDS
+
+
+class TlsConfig(_Model):
+    """TLS termination on the proxy listener (TLS 1.2 or newer, ALPN ``http/1.1``).
+
+    Usage::
+
+        tls: {cert: certs/gateway.pem, key: certs/gateway.key}   # relative to the config file
+
+    ``cert`` is a PEM file with the certificate, intermediates after it; ``key`` the PEM
+    private key. Both are read and checked by ``load_config``.
+    """
+
+    cert: Path
+    key: Path
+
+
 class GatewaySection(_Model):
     """The ``gateway:`` section: who this instance is and where it listens."""
 
@@ -236,6 +272,8 @@ class GatewaySection(_Model):
     via: str = "geogate"  # pseudonym in the Via header (RFC 9110 §7.6.3)
     # RateLimit-Policy / RateLimit fields on every rate-limited answer, or only on 429
     ratelimit_headers: Literal["always", "on_429"] = "always"
+    drain: DrainConfig = DrainConfig()
+    tls: TlsConfig | None = None  # None: plain HTTP on the listener
 
 
 class ZoneConfig(_Model):
@@ -385,6 +423,35 @@ class RetryBudgetConfig(_Model):
     min_concurrent: int = Field(default=3, ge=0)
 
 
+def _check_sink(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a log sink is stdout, stderr, off or a file path, not empty")
+    return value
+
+
+LogSink = Annotated[str, AfterValidator(_check_sink)]
+
+
+class AccessLogConfig(_Model):
+    """The access log: one JSON line per request (``gateway.accesslog``); off when absent.
+
+    A sink is ``stdout``, ``stderr``, ``off`` or a file path (relative to the config file).
+    A request of zone Z is logged to ``zones[Z]`` when given, else to ``default``; there,
+    when the gateway's own region does not serve Z, with the client address truncated and
+    the tenant id hashed.
+
+    Usage::
+
+        access_log:
+          default: stdout
+          zones: {eu: /var/log/geogate/access-eu.log, us: stdout}
+    """
+
+    enabled: bool = True
+    default: LogSink = "stdout"  # sink for zones without a sink of their own
+    zones: Mapping[Name, LogSink] = {}  # zone -> its own sink (a sink inside that zone)
+
+
 class AdminConfig(_Model):
     """The admin listener: status JSON, drain/undrain, metrics. Keep it off public networks."""
 
@@ -487,6 +554,7 @@ class GatewayConfig(_Model):
     tenants: tuple[TenantConfig, ...] = ()
     redis: RedisConfig = RedisConfig()
     cache: CacheConfig = CacheConfig()
+    access_log: AccessLogConfig = AccessLogConfig(enabled=False)  # the section turns it on
     source: Path | None = Field(default=None, exclude=True)  # the file it was loaded from
 
 
@@ -654,6 +722,9 @@ def _cross_checks(cfg: GatewayConfig, file: str) -> Iterator[ConfigIssue]:
     for zone in cfg.redis.cache:
         if zone not in zones:
             yield ConfigIssue(file, f"redis.cache.{zone}", f"zone {zone!r} is not defined")
+    for zone in cfg.access_log.zones:
+        if zone not in zones:
+            yield ConfigIssue(file, f"access_log.zones.{zone}", f"zone {zone!r} is not defined")
     policies = cfg.rate_limits
     for i, route in enumerate(cfg.routes):
         if route.rate_limit is not None and route.rate_limit not in policies:
@@ -688,6 +759,41 @@ def _cross_checks(cfg: GatewayConfig, file: str) -> Iterator[ConfigIssue]:
                 )
     if not cfg.gateway.geodb.is_file():
         yield ConfigIssue(file, "gateway.geodb", f"{cfg.gateway.geodb}: no such file")
+    yield from _check_tls(cfg.gateway.tls, file)
+
+
+def _check_tls(tls: TlsConfig | None, file: str) -> Iterator[ConfigIssue]:
+    """Both files exist and ``SSLContext.load_cert_chain`` accepts them (key matches cert)."""
+    if tls is None:
+        return
+    missing = False
+    for key, path in (("cert", tls.cert), ("key", tls.key)):
+        if not path.is_file():
+            missing = True
+            yield ConfigIssue(file, f"gateway.tls.{key}", f"{path}: no such file")
+    if missing:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        yield ConfigIssue(file, "gateway.tls", f"cannot load the certificate and key: {reason}")
+
+
+def _resolve_sinks(section: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the access log's file sinks absolute (relative to the config file's folder)."""
+
+    def resolve(sink: Any) -> Any:
+        if not isinstance(sink, str) or sink in ("stdout", "stderr", "off") or not sink.strip():
+            return sink
+        return str((base / sink).resolve())
+
+    out = dict(section)
+    if "default" in out:
+        out["default"] = resolve(out["default"])
+    if isinstance(out.get("zones"), dict):
+        out["zones"] = {zone: resolve(sink) for zone, sink in out["zones"].items()}
+    return out
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -719,6 +825,15 @@ def load_config(path: str | Path) -> GatewayConfig:
     gw = raw.get("gateway")
     if isinstance(gw, dict) and isinstance(gw.get("geodb"), str):
         raw = {**raw, "gateway": {**gw, "geodb": str((path.parent / gw["geodb"]).resolve())}}
+    gw = raw.get("gateway")
+    if isinstance(gw, dict) and isinstance(gw.get("tls"), dict):
+        tls = dict(gw["tls"])
+        for k in ("cert", "key"):
+            if isinstance(tls.get(k), str):
+                tls[k] = str((path.parent / tls[k]).resolve())
+        raw = {**raw, "gateway": {**gw, "tls": tls}}
+    if isinstance(raw.get("access_log"), dict):
+        raw = {**raw, "access_log": _resolve_sinks(raw["access_log"], path.parent)}
     try:
         cfg = GatewayConfig.model_validate({**raw, "source": path})
     except ValidationError as exc:

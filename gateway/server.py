@@ -11,47 +11,67 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
+import socket
+import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.accesslog import AccessLog
 from gateway.admin import build_admin_app
 from gateway.breaker import Breaker, BreakerState
 from gateway.budget import RetryBudget
 from gateway.cache import CacheStage
 from gateway.cachestore import MemoryCache, RedisCache, ZoneCaches
 from gateway.clock import LoopClock
+from gateway.config import load_config
 from gateway.dns import TTLResolver
 from gateway.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
+    ConfigError,
     GatewayError,
     HeaderFieldsTooLarge,
     RouteNotFound,
 )
 from gateway.exchange import Exchange
 from gateway.forwarded import TrustedProxies
-from gateway.geo import GeoDatabase
+from gateway.geo import GeoDatabase, GeoDatabaseError
 from gateway.health import HealthChecker, ProbeSettings
+from gateway.listener import make_ssl_context, probe_middleware
 from gateway.llmcache import LlmCachePolicy, LlmCacheStage
 from gateway.locate import LocateStage
-from gateway.metrics import CacheStateCollector, Metrics, UpstreamStateCollector
-from gateway.pipeline import BackgroundTasks, Pipeline, Stage
+from gateway.metrics import CacheStateCollector, GeoCollector, Metrics, UpstreamStateCollector
+from gateway.pipeline import BackgroundTasks, Stage
 from gateway.proxy import HttpForwarder
 from gateway.ratelimit import LocalStore, PolicyStore, RateLimitStage
 from gateway.ratelimit_store import MemoryStore, RedisStore, ResilientStore
+from gateway.reload import (
+    GenerationPipeline,
+    ReloadResult,
+    close_idle_connections,
+    config_version,
+    restart_required,
+)
 from gateway.residency import ResidencyRules
 from gateway.routing import RouteTable
 from gateway.tenants import TenantStage
+from gateway.tracecontext import TraceContext
 from gateway.upstreams import Upstreams
+from gateway.windowstats import WindowStats
 
 if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
+    from gateway.config import GatewayConfig, RouteCacheConfig
 
 __all__ = ["GatewayServer"]
 
@@ -115,14 +135,90 @@ class _UriTooLong(BadRequest):
 
 
 class _Server(web.Server):
-    """web.Server that builds our connection handler class."""
+    """web.Server that builds our connection handler class.
+
+    While ``draining`` (phase 1 of ``GatewayServer.stop``) every request is made as if it had
+    said ``Connection: close``: its response carries ``Connection: close`` and the connection
+    ends after it (RFC 9112 §9.6), so a keep-alive client reconnects, to another process,
+    before this one's listener closes.
+    """
 
     request_line_limit = 8190
+    draining = False
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if self.draining and not message.should_close:
+            message = message._replace(should_close=True)
+        return super()._make_request(message, payload, protocol, writer, task)
 
     def __call__(self) -> RequestHandler:
         handler = _GatewayProtocol(self, loop=self._loop, **self._kwargs)
         handler.request_line_limit = self.request_line_limit
         return handler
+
+
+# what a ZoneCaches was built for: l1_max_bytes, max entry bytes, L2 call timeout, Redis mapping
+_CacheShape = tuple[int, int, float, tuple[tuple[str, str], ...]]
+
+
+class _ReloadRefused(Exception):
+    """A reload cannot go ahead; ``message`` says why (``file:key: reason`` lines)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _residency_rules(cfg: GatewayConfig) -> ResidencyRules:
+    return ResidencyRules(
+        zone_countries={z: zc.countries for z, zc in cfg.residency.zones.items()},
+        default_zone=cfg.residency.default_zone,
+        region_zones={r: rc.zones for r, rc in cfg.regions.items()},
+        own_region=cfg.gateway.region,
+    )
+
+
+def _probe_settings(cfg: GatewayConfig) -> ProbeSettings | None:
+    """The health probe settings of ``cfg``; None when health checks are off."""
+    hc = cfg.upstream.health
+    if not hc.enabled:
+        return None
+    return ProbeSettings(
+        path=hc.path,
+        interval=hc.interval,
+        timeout=hc.timeout,
+        healthy_threshold=hc.healthy_threshold,
+        unhealthy_threshold=hc.unhealthy_threshold,
+        expected_statuses=frozenset(hc.expected_statuses),
+        jitter=hc.jitter,
+    )
+
+
+def _cache_policies(
+    cfg: GatewayConfig,
+) -> tuple[dict[str, RouteCacheConfig], dict[str, LlmCachePolicy]]:
+    """Route prefix -> cache config of ``http`` routes; -> policy of ``llm-exact`` ones."""
+    http_cached = {r.prefix: r.cache for r in cfg.routes if r.cache.policy == "http"}
+    llm_cached = {
+        r.prefix: LlmCachePolicy(
+            ttl=r.cache.ttl,
+            stale_if_error=r.cache.stale_if_error,
+            max_entry_bytes=r.cache.max_entry_bytes,
+            default_temperature=r.cache.default_temperature,
+            share_scope=r.cache.share_scope,
+            ignore_fields=r.cache.ignore_fields,
+        )
+        for r in cfg.routes
+        if r.cache.policy == "llm-exact"
+    }
+    return http_cached, llm_cached
 
 
 class GatewayServer:
@@ -145,6 +241,14 @@ class GatewayServer:
         self.session: aiohttp.ClientSession | None = None
         self.clock = LoopClock()
         self.metrics = Metrics()
+        self.metrics.registry.register(GeoCollector(lambda: self.geodb))
+        self.access_log: AccessLog | None = None  # opened by start() when configured
+        self.window = WindowStats(clock=self.clock)  # the last minute, for the status page
+        # Config-derived objects: reload() builds a new set and swaps them in one step.
+        self.config_path: Path | None = config.source  # what reload() reads by default
+        self.config_version = config_version(config)
+        self.metrics.config_info.labels(self.config_version).set(1)
+        self.metrics.config_last_reload.set(time.time())
         self.upstreams = Upstreams(
             config.regions,
             config.upstream,
@@ -154,7 +258,13 @@ class GatewayServer:
         )
         budget_cfg = config.upstream.retry_budget
         self.budget = RetryBudget(ratio=budget_cfg.ratio, min_concurrent=budget_cfg.min_concurrent)
-        self.metrics.registry.register(UpstreamStateCollector(self.upstreams, self.budget))
+        self._upstream_collector = UpstreamStateCollector(self.upstreams, self.budget)
+        self.metrics.registry.register(self._upstream_collector)
+        self._cache_collector: CacheStateCollector | None = None
+        self._cache_shape: _CacheShape | None = None  # what self.caches was built for
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced generations, until idle
+        self._stop_retiring = asyncio.Event()
         self.health: HealthChecker | None = None
         self.tasks = BackgroundTasks()
         self.ratelimit_store: PolicyStore | None = None
@@ -164,30 +274,40 @@ class GatewayServer:
         self._admin_runner: web.AppRunner | None = None
         self.admin_bound: list[tuple[str, int]] = []
         self.routes = RouteTable(config.routes, config.gateway.limits)
-        self.rules = ResidencyRules(
-            zone_countries={z: zc.countries for z, zc in config.residency.zones.items()},
-            default_zone=config.residency.default_zone,
-            region_zones={r: rc.zones for r, rc in config.regions.items()},
-            own_region=config.gateway.region,
-        )
+        self.rules = _residency_rules(config)
         self.trusted = TrustedProxies.parse(config.gateway.trusted_proxies)
-        self._pipeline: Pipeline | None = None
+        self._pipeline: GenerationPipeline | None = None
         self._resolver: TTLResolver | None = None
         self._runner: web.ServerRunner | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self.bound: list[tuple[str, int]] = []
+        self._web_server: _Server | None = None
+        self.draining = False  # phase 1 of stop() began: /ready fails, Connection: close
 
-    async def start(self) -> None:
+    async def start(
+        self, *, sock: socket.socket | None = None, admin_path: str | None = None
+    ) -> None:
         """Open resources and start listening on ``gateway.listen``.
+
+        Args:
+            sock: a listening socket to serve instead of binding ``gateway.listen`` (a worker
+                of ``--workers N`` gets its slot's ``SO_REUSEPORT`` socket from the
+                supervisor; closing ours leaves the supervisor's open).
+            admin_path: serve the admin app on this Unix socket instead of ``admin.listen``
+                (a worker; the supervisor owns ``admin.listen``).
 
         Raises:
             GeoDatabaseError: the GeoIP database is missing or unreadable.
             OSError: the listen address is taken or not ours.
+            ssl.SSLError: ``gateway.tls`` files changed since the config was loaded.
         """
         cfg = self.config
         self.geodb = await GeoDatabase.open(
             cfg.gateway.geodb, cache_size=cfg.gateway.geoip_cache_size
+        )
+        self.access_log = await AccessLog.open(
+            cfg.access_log, own_zones=set(cfg.regions[cfg.gateway.region].zones)
         )
         up = cfg.upstream
         self._resolver = TTLResolver(
@@ -207,65 +327,15 @@ class GatewayServer:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        hc = up.health
-        forwarder = HttpForwarder(
-            self.session,
-            self.upstreams,
-            self.routes,
-            cfg.gateway.via,
-            budget=self.budget,
-            metrics=self.metrics,
-            retry_after=max(1, math.ceil(hc.interval * hc.healthy_threshold)),
-        )
-        if hc.enabled:
-            await self._start_health_checks()
-        locate = LocateStage(
-            self.geodb, self.rules, self.trusted, header=cfg.gateway.client_address_header
-        )
-        identify = TenantStage(cfg.tenants)
+        if (probes := _probe_settings(cfg)) is not None:
+            self._open_health_checks(probes)
         self.ratelimit_store = self._make_ratelimit_store()
         await self._warm_redis()
-        ratelimit = RateLimitStage(
-            cfg.rate_limits,
-            self.ratelimit_store,
-            metrics=self.metrics,
-            tasks=self.tasks,
-            always_headers=cfg.gateway.ratelimit_headers == "always",
-        )
-        stages: list[Stage] = [identify, locate, ratelimit]
-        http_cached = {r.prefix: r.cache for r in cfg.routes if r.cache.policy == "http"}
-        llm_cached = {
-            r.prefix: LlmCachePolicy(
-                ttl=r.cache.ttl,
-                stale_if_error=r.cache.stale_if_error,
-                max_entry_bytes=r.cache.max_entry_bytes,
-                default_temperature=r.cache.default_temperature,
-                share_scope=r.cache.share_scope,
-                ignore_fields=r.cache.ignore_fields,
-            )
-            for r in cfg.routes
-            if r.cache.policy == "llm-exact"
-        }
-        if http_cached or llm_cached:
-            sizes = [c.max_entry_bytes for c in http_cached.values()]
-            sizes += [p.max_entry_bytes for p in llm_cached.values()]
-            self.caches = self._make_caches(max(sizes))
-            self.metrics.registry.register(CacheStateCollector(self.caches.l1))
-        if self.caches is not None and http_cached:
-            stages.append(
-                CacheStage(
-                    self.caches,
-                    http_cached,
-                    metrics=self.metrics,
-                    tasks=self.tasks,
-                    fetch=forwarder.fetch,
-                )
-            )
-        if self.caches is not None and llm_cached:
-            stages.append(
-                LlmCacheStage(self.caches, llm_cached, metrics=self.metrics, tasks=self.tasks)
-            )
-        self._pipeline = Pipeline(self.routes, stages, forwarder)
+        self._use_caches(*self._caches_for(cfg))
+        self._pipeline = self._build_pipeline(
+            cfg, geodb=self.geodb, upstreams=self.upstreams, routes=self.routes,
+            rules=self.rules, trusted=self.trusted, budget=self.budget, caches=self.caches,
+        )  # fmt: skip
         limits = cfg.gateway.limits
         server = _Server(
             self._handle,
@@ -276,27 +346,67 @@ class GatewayServer:
             max_headers=limits.max_headers,
         )
         server.request_line_limit = limits.max_request_line_bytes
-        self._runner = web.ServerRunner(server, handle_signals=False)
+        await self._listen(server, sock=sock, admin_path=admin_path)
+
+    async def _listen(
+        self, server: _Server, *, sock: socket.socket | None, admin_path: str | None
+    ) -> None:
+        """Open the proxy listener (TLS when ``gateway.tls``) and the admin listener."""
+        cfg = self.config
+        self._web_server = server
+        # stop() waits for in-flight requests itself (drain.timeout); the runner's own wait at
+        # cleanup only gives what is left after that a moment before cancelling it
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        listen = cfg.gateway.listen
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        ssl_context = make_ssl_context(cfg.gateway.tls) if cfg.gateway.tls else None
+        site: web.BaseSite
+        if sock is not None:  # a worker: the supervisor's SO_REUSEPORT slot socket
+            site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
+        else:
+            listen = cfg.gateway.listen
+            site = web.TCPSite(
+                self._runner, listen.host, listen.port, reuse_address=True,
+                ssl_context=ssl_context, backlog=1024,
+            )  # fmt: skip
         await site.start()
-        server_obj = site._server
-        sockets = getattr(server_obj, "sockets", None) or ()
-        self.bound = [sock.getsockname()[:2] for sock in sockets]
+        sockets = getattr(site._server, "sockets", None) or ()
+        self.bound = [s.getsockname()[:2] for s in sockets]
         log.info("gateway %s listening on %s", cfg.gateway.region, self.bound)
-        if cfg.admin.listen is not None:
-            self._admin_runner = web.AppRunner(
-                build_admin_app(self, cfg.admin.token), access_log=None, handle_signals=False
-            )
-            await self._admin_runner.setup()
+        if cfg.admin.listen is None and admin_path is None:
+            return
+        admin_app = build_admin_app(self, cfg.admin.token)
+        admin_app.middlewares.insert(0, probe_middleware(lambda: self.is_ready))
+        self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        admin_site: web.BaseSite
+        if admin_path is not None:  # a worker: the supervisor fans admin calls out to it
+            admin_site = web.UnixSite(self._admin_runner, admin_path)
+        else:
+            assert cfg.admin.listen is not None
             admin_site = web.TCPSite(
                 self._admin_runner, cfg.admin.listen.host, cfg.admin.listen.port
             )
-            await admin_site.start()
+        await admin_site.start()
+        if admin_path is None:
             sockets = getattr(admin_site._server, "sockets", None) or ()
-            self.admin_bound = [sock.getsockname()[:2] for sock in sockets]
+            self.admin_bound = [s.getsockname()[:2] for s in sockets]
             log.info("admin listening on %s", self.admin_bound)
+
+    @property
+    def is_ready(self) -> bool:
+        """True from a completed ``start()`` until ``stop()`` begins (what ``/ready`` says)."""
+        return self._runner is not None and not self.draining
+
+    def begin_drain(self) -> None:
+        """Phase 1 of the drain: fail readiness and close every connection after its answer.
+
+        The listener still accepts. Idempotent; ``stop()`` calls it.
+        """
+        if not self.draining:
+            log.info("draining: readiness fails; answers carry Connection: close")
+        self.draining = True
+        if self._web_server is not None:
+            self._web_server.draining = True
 
     def _make_ratelimit_store(self) -> PolicyStore:
         """The control Redis behind a time budget and a breaker, or the in-process store."""
@@ -322,15 +432,299 @@ class GatewayServer:
             on_degraded=degraded,
         )
 
-    def _make_caches(self, max_entry_bytes: int) -> ZoneCaches:
-        """L1 in process; an L2 per zone that ``redis.cache`` maps to its own Redis."""
-        cfg = self.config
-        l1 = MemoryCache(max_bytes=cfg.cache.l1_max_bytes, max_entry_bytes=max_entry_bytes)
+    def _caches_for(self, cfg: GatewayConfig) -> tuple[ZoneCaches | None, _CacheShape | None]:
+        """The ZoneCaches ``cfg``'s cached routes use: the running one when it fits.
+
+        L1 in process; an L2 per zone that ``redis.cache`` maps to its own Redis. On reload
+        the running ZoneCaches (entries, L2 connections, breakers) is kept unless the Redis
+        mapping, the ``cache`` section or the largest ``max_entry_bytes`` changed; a new one
+        still keeps the running L1 and its entries when ``l1_max_bytes`` and the largest
+        ``max_entry_bytes`` are as before. Without cached routes the running one is kept for
+        the admin purge (None at start). Builds only: nothing running is changed.
+
+        Returns:
+            The ZoneCaches (or None) and the shape it was built for (for the next reload).
+        """
+        http_cached, llm_cached = _cache_policies(cfg)
+        if not (http_cached or llm_cached):
+            return self.caches, self._cache_shape
+        max_entry = max(
+            [c.max_entry_bytes for c in http_cached.values()]
+            + [p.max_entry_bytes for p in llm_cached.values()]
+        )
+        l1_shape = (cfg.cache.l1_max_bytes, max_entry)
+        shape = (*l1_shape, cfg.cache.l2_call_timeout, tuple(sorted(cfg.redis.cache.items())))
+        running, running_shape = self.caches, self._cache_shape
+        if running is not None and running_shape == shape:
+            return running, shape
+        if running is not None and running_shape is not None and running_shape[:2] == l1_shape:
+            l1 = running.l1
+        else:
+            l1 = MemoryCache(max_bytes=cfg.cache.l1_max_bytes, max_entry_bytes=max_entry)
         l2 = {
-            zone: RedisCache.from_url(zone, url, max_entry_bytes=max_entry_bytes)
+            zone: RedisCache.from_url(zone, url, max_entry_bytes=max_entry)
             for zone, url in cfg.redis.cache.items()
         }
-        return ZoneCaches(l1, l2, call_timeout=cfg.cache.l2_call_timeout)
+        return ZoneCaches(l1, l2, call_timeout=cfg.cache.l2_call_timeout), shape
+
+    def _use_caches(
+        self, caches: ZoneCaches | None, shape: _CacheShape | None
+    ) -> ZoneCaches | None:
+        """Make ``caches`` the running ZoneCaches (synchronous); return the one it replaced."""
+        old = self.caches
+        self._cache_shape = shape
+        if caches is old:
+            return None
+        self.caches = caches
+        if caches is not None and (old is None or caches.l1 is not old.l1):
+            if self._cache_collector is not None:
+                self.metrics.registry.unregister(self._cache_collector)
+            self._cache_collector = CacheStateCollector(caches.l1)
+            self.metrics.registry.register(self._cache_collector)
+        return old
+
+    def _build_pipeline(
+        self,
+        cfg: GatewayConfig,
+        *,
+        geodb: GeoDatabase,
+        upstreams: Upstreams,
+        routes: RouteTable,
+        rules: ResidencyRules,
+        trusted: TrustedProxies,
+        budget: RetryBudget,
+        caches: ZoneCaches | None,
+    ) -> GenerationPipeline:
+        """Build one config generation's request path; builds only, changes nothing running.
+
+        Per generation: the forwarder (it holds the upstream set and route table), the
+        identify, locate, rate-limit and cache stages. Shared by every generation: the
+        upstream ClientSession, the rate-limit store (counters), the ZoneCaches passed in,
+        the metrics and the background task set.
+        """
+        assert self.session is not None
+        assert self.ratelimit_store is not None
+        hc = cfg.upstream.health
+        forwarder = HttpForwarder(
+            self.session,
+            upstreams,
+            routes,
+            cfg.gateway.via,
+            budget=budget,
+            metrics=self.metrics,
+            retry_after=max(1, math.ceil(hc.interval * hc.healthy_threshold)),
+        )
+        stages: list[Stage] = [
+            TenantStage(cfg.tenants),
+            LocateStage(geodb, rules, trusted, header=cfg.gateway.client_address_header),
+            RateLimitStage(
+                cfg.rate_limits,
+                self.ratelimit_store,
+                metrics=self.metrics,
+                tasks=self.tasks,
+                always_headers=cfg.gateway.ratelimit_headers == "always",
+            ),
+        ]
+        http_cached, llm_cached = _cache_policies(cfg)
+        if caches is not None and http_cached:
+            stages.append(
+                CacheStage(
+                    caches, http_cached, metrics=self.metrics, tasks=self.tasks,
+                    fetch=forwarder.fetch,
+                )
+            )  # fmt: skip
+        if caches is not None and llm_cached:
+            stages.append(LlmCacheStage(caches, llm_cached, metrics=self.metrics, tasks=self.tasks))
+        return GenerationPipeline(routes, stages, forwarder)
+
+    async def reload(self, path: str | os.PathLike[str] | None = None) -> ReloadResult:
+        """Load, validate and apply a new config without dropping a request (SIGHUP, admin).
+
+        Steps: parse and validate the whole file (``load_config``, in a thread); refuse it
+        when a ``RESTART_ONLY`` key changed; open the GeoIP database again (in a thread, the
+        same path re-reads the file); build the complete new generation (``_build_pipeline``)
+        with the state of what did not change carried over (``Upstreams(previous=...)``, the
+        rate-limit store, the ZoneCaches); then swap it in with one assignment, in one
+        synchronous step. A request runs wholly on the generation it started on. The replaced
+        generation's own objects (GeoIP database, replaced caches, pooled connections to
+        removed endpoints) are released once its last request has finished.
+
+        Any failure leaves the running config untouched; it is logged, counted in
+        ``geogate_config_reloads_total{result="error"}`` and returned. Reloads run one at a
+        time.
+
+        Args:
+            path: the YAML file; None: the file the running config came from.
+
+        Returns:
+            A ReloadResult: ``ok``, the running ``version`` afterwards, and the ``error`` text
+            (``file:key: reason`` lines) when refused.
+        """
+        async with self._reload_lock:
+            target = Path(path) if path is not None else self.config_path
+            try:
+                version = await self._reload(target)
+            except _ReloadRefused as exc:
+                self.metrics.config_reloads.labels("error").inc()
+                log.error(
+                    "config reload refused, version %s keeps running: %s",
+                    self.config_version, exc.message,
+                )  # fmt: skip
+                return ReloadResult(ok=False, version=self.config_version, error=exc.message)
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload.set(time.time())
+        return ReloadResult(ok=True, version=version)
+
+    async def _reload(self, path: Path | None) -> str:
+        if path is None:
+            raise _ReloadRefused("the running config was not loaded from a file")
+        if self._pipeline is None or self.draining:
+            raise _ReloadRefused("the gateway is not running (not started, or stopping)")
+        try:
+            cfg = await asyncio.to_thread(load_config, path)
+        except ConfigError as exc:
+            raise _ReloadRefused(str(exc)) from exc
+        if problems := restart_required(self.config, cfg):
+            raise _ReloadRefused("\n".join(f"{path}:{problem}" for problem in problems))
+        counts = getattr(self.geodb, "counts", None)  # lookups counted across databases
+        try:
+            geodb = await GeoDatabase.open(
+                cfg.gateway.geodb, cache_size=cfg.gateway.geoip_cache_size, counts=counts
+            )
+        except GeoDatabaseError as exc:
+            raise _ReloadRefused(f"{path}:gateway.geodb: {exc}") from exc
+        caches: ZoneCaches | None = None
+        cache_shape: _CacheShape | None = None
+        try:
+            if self.session is None or self.draining:  # stop() began while we read files
+                raise _ReloadRefused("the gateway is stopping")
+            old = self.config
+            upstreams = Upstreams(
+                cfg.regions, cfg.upstream, own_region=cfg.gateway.region, clock=self.clock,
+                on_breaker_change=self._on_breaker_change,
+                previous=self.upstreams, previous_config=old.upstream,
+            )  # fmt: skip
+            routes = RouteTable(cfg.routes, cfg.gateway.limits)
+            rules = _residency_rules(cfg)
+            trusted = TrustedProxies.parse(cfg.gateway.trusted_proxies)
+            budget = self.budget
+            if cfg.upstream.retry_budget != old.upstream.retry_budget:
+                bc = cfg.upstream.retry_budget
+                budget = RetryBudget(ratio=bc.ratio, min_concurrent=bc.min_concurrent)
+            caches, cache_shape = self._caches_for(cfg)
+            pipeline = self._build_pipeline(
+                cfg, geodb=geodb, upstreams=upstreams, routes=routes, rules=rules,
+                trusted=trusted, budget=budget, caches=caches,
+            )  # fmt: skip
+            probes = _probe_settings(cfg)
+        except BaseException as exc:
+            geodb.close()
+            if caches is not None and caches is not self.caches:
+                await caches.close()
+            if isinstance(exc, _ReloadRefused | asyncio.CancelledError):
+                raise
+            log.exception("building the new config failed")
+            raise _ReloadRefused(f"{path}: cannot apply: {exc!r}") from exc
+        # The swap: one synchronous step, no await, so no request sees half of it.
+        version = config_version(cfg)
+        old_pipeline, old_geodb, old_upstreams = self._pipeline, self.geodb, self.upstreams
+        upstreams.activate()
+        self.config, self.config_path = cfg, path
+        self.upstreams, self.routes, self.rules, self.trusted = upstreams, routes, rules, trusted
+        self.budget, self.geodb = budget, geodb
+        replaced_caches = self._use_caches(caches, cache_shape)
+        self.metrics.registry.unregister(self._upstream_collector)
+        self._upstream_collector = UpstreamStateCollector(upstreams, budget)
+        self.metrics.registry.register(self._upstream_collector)
+        self._pipeline = pipeline
+        retired_origins, retired_probes = self._update_health(old_upstreams, probes)
+        if version != self.config_version:
+            self.metrics.config_info.remove(self.config_version)
+            self.metrics.config_info.labels(version).set(1)
+        log.warning("config reloaded from %s: version %s -> %s", path, self.config_version, version)
+        self.config_version = version
+        retire = asyncio.create_task(
+            self._retire(
+                old_pipeline, old_geodb, replaced_caches, retired_origins, retired_probes,
+                within=max(r.timeouts.total for r in old.routes) + 5.0,
+            ),
+            name=f"retire config {version}",
+        )  # fmt: skip
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+        return version
+
+    def _update_health(
+        self, old: Upstreams, probes: ProbeSettings | None
+    ) -> tuple[list[str], tuple[asyncio.Task[None], aiohttp.ClientSession] | None]:
+        """Point the health checker at the new endpoint set (synchronous, at the swap).
+
+        Returns:
+            The origins no longer configured (their pooled connections are to close), and
+            the probe task and session to close when health checking was switched off.
+        """
+        new = self.upstreams.endpoints
+        removed = [o for o in old.endpoints if o not in new]
+        moved = [o for o, e in new.items() if o in old.endpoints and old.endpoints[o] is not e]
+        if probes is None:  # health checks off: nothing judges health any more
+            for endpoint in new.values():
+                endpoint.healthy = True
+            stopped = None
+            if self._health_task is not None and self._health_session is not None:
+                self._health_task.cancel()  # now: no verdict may land after the line above
+                stopped = (self._health_task, self._health_session)
+            self.health = self._health_task = self._health_session = None
+            return removed, stopped
+        if self.health is None:
+            self._open_health_checks(probes)
+        else:
+            self.health.update(list(new), probes, restart=moved)
+        return removed, None
+
+    async def _retire(
+        self,
+        pipeline: GenerationPipeline | None,
+        geodb: GeoDatabase | None,
+        caches: ZoneCaches | None,
+        removed: list[str],
+        probes: tuple[asyncio.Task[None], aiohttp.ClientSession] | None,
+        *,
+        within: float,
+    ) -> None:
+        """Release what only a replaced generation used, once its last request finished.
+
+        Waits for the generation to be idle for up to ``within`` seconds (its longest route
+        ``total`` timeout and a margin), or until ``stop()`` says to finish at once.
+        """
+        close_idle_connections(self.session, removed)
+        close_idle_connections(self._health_session, removed)
+        if pipeline is not None and pipeline.in_flight:
+            waiters = [
+                asyncio.ensure_future(pipeline.wait_idle()),
+                asyncio.ensure_future(self._stop_retiring.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if pipeline.in_flight:
+                log.warning("%d requests still run on the replaced config", pipeline.in_flight)
+        if geodb is not None:
+            geodb.close()
+        close_idle_connections(self.session, removed)
+        if probes is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await probes[0]
+            await probes[1].close()
+        if caches is not None:
+            await caches.close()
+
+    async def _finish_reloads(self) -> None:
+        """Release every replaced generation now (``stop()``: its requests have ended)."""
+        self._stop_retiring.set()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     async def _warm_redis(self, connections: int = 32) -> None:
         """Open the control Redis connections before traffic arrives.
@@ -352,27 +746,22 @@ class GatewayServer:
         except Exception as exc:  # any failure here only means a cold pool
             log.warning("control Redis not reachable at start (%s); limiting locally", exc)
 
-    async def _start_health_checks(self) -> None:
-        hc = self.config.upstream.health
+    def _open_health_checks(self, probes: ProbeSettings) -> None:
+        """Start probing the running endpoint set (at start, or a reload that enables it)."""
         endpoints = list(self.upstreams.endpoints)
         # A session of its own: probes never wait for, or hold, the proxy's pooled connections.
+        # Its limit leaves room for endpoints a reload adds.
         self._health_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(4, len(endpoints)), resolver=self._resolver),
+            connector=aiohttp.TCPConnector(
+                limit=max(16, 2 * len(endpoints)), resolver=self._resolver
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
         )
         self.health = HealthChecker(
             self._health_session,
             endpoints,
-            ProbeSettings(
-                path=hc.path,
-                interval=hc.interval,
-                timeout=hc.timeout,
-                healthy_threshold=hc.healthy_threshold,
-                unhealthy_threshold=hc.unhealthy_threshold,
-                expected_statuses=frozenset(hc.expected_statuses),
-                jitter=hc.jitter,
-            ),
+            probes,
             on_change=self._on_health_change,
             on_rtt=self._on_probe_rtt,
         )
@@ -413,32 +802,54 @@ class GatewayServer:
         }
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop_time = asyncio.get_running_loop().time()
-        rid = request.headers.get("X-Request-Id")
+        loop = asyncio.get_running_loop()
+        headers = request.headers
+        rid = headers.get("X-Request-Id")
         if rid is None or not _REQUEST_ID_RE.match(rid):
             rid = uuid.uuid4().hex
-        ex = Exchange(request, rid, loop_time)
+        ex = Exchange(request, rid, loop.time())
+        ex.trace = TraceContext.from_headers(
+            headers.getall("traceparent", ()), headers.getall("tracestate", ())
+        )
         self._in_flight += 1
         self._idle.clear()
         try:
-            assert self._pipeline is not None
-            if request.method == "CONNECT" or not (
-                request.raw_path.startswith("/") or self._same_host(request)
-            ):
-                raise RouteNotFound("the gateway is not a forward proxy")
-            return await self._pipeline.run(ex)
-        except GatewayError as err:
-            ex.status = err.status
-            return _problem_response(err, rid)
-        except Exception:
-            log.exception("unhandled error in request %s", rid)
-            ex.status = 500
-            return _problem_response(GatewayError(), rid)
+            try:
+                assert self._pipeline is not None
+                if request.method == "CONNECT" or not (
+                    request.raw_path.startswith("/") or self._same_host(request)
+                ):
+                    raise RouteNotFound("the gateway is not a forward proxy")
+                response = await self._pipeline.run(ex)
+            except GatewayError as err:
+                ex.status = err.status
+                response = _problem_response(err, rid)
+            except Exception:
+                log.exception("unhandled error in request %s", rid)
+                ex.status = 500
+                response = _problem_response(GatewayError(), rid)
+            if not response.prepared:
+                # write it here rather than in aiohttp's finish_response (which then has
+                # nothing left to do), so that the timings and the log cover the write
+                try:
+                    await response.prepare(request)
+                    ex.headers_sent = loop.time()
+                    await response.write_eof()
+                except ConnectionError:  # the client left; aiohttp would have ignored it too
+                    pass
+                if ex.bytes_out is None:
+                    head = request.method == "HEAD"
+                    ex.bytes_out = 0 if head else (response.content_length or 0)
+            return response
         finally:
+            end = loop.time()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-            self.metrics.count_request(ex)
+            self.metrics.observe_request(ex, end)
+            self.window.record_exchange(ex, end)
+            if self.access_log is not None:
+                self.access_log.log(ex, end=end)
 
     @staticmethod
     def _same_host(request: web.BaseRequest) -> bool:
@@ -447,12 +858,33 @@ class GatewayServer:
         target_host = request.host  # aiohttp takes it from the absolute URI
         return bool(target_host) and host_header.split(":")[0].lower() == target_host.lower()
 
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish for up to ``drain_timeout`` seconds,
-        then close connections, the upstream session and the GeoIP database."""
+    async def stop(self, drain_timeout: float | None = None, *, grace: float = 0.0) -> None:
+        """Drain in phases, then close connections, sessions, Redis and the GeoIP database.
+
+        The order uvicorn and Envoy use (``DrainConfig`` has the operator's view):
+
+        1. ``begin_drain()``: ``/ready`` answers 503 and every answer carries
+           ``Connection: close``, while the listener still accepts for ``grace`` seconds.
+        2. The listener closes (new connections are refused; a worker closes only its copy
+           of the supervisor's slot socket). Idle keep-alive connections close now, busy ones
+           after their answer. In-flight requests and streams get ``drain_timeout`` seconds.
+        3. What is still running is cancelled (aiohttp cancels the handler, which drops the
+           upstream request); background tasks get 1 s; the admin listener closes last.
+
+        Args:
+            drain_timeout: seconds for phase 2; None: ``gateway.drain.timeout``.
+            grace: seconds for phase 1 (the CLI passes ``gateway.drain.grace``; 0 skips it).
+        """
+        self.begin_drain()
+        if grace > 0 and self._runner is not None:
+            await asyncio.sleep(grace)
+        if drain_timeout is None:
+            drain_timeout = self.config.gateway.drain.timeout
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()
+            if self._web_server is not None:
+                self._web_server.pre_shutdown()  # close idle keep-alive connections now
             if self._in_flight:
                 try:
                     async with asyncio.timeout(drain_timeout):
@@ -465,6 +897,7 @@ class GatewayServer:
             await self._admin_runner.cleanup()
             self._admin_runner = None
         await self.tasks.drain(1.0)
+        await self._finish_reloads()
         if self.caches is not None:
             await self.caches.close()
             self.caches = None
@@ -488,3 +921,6 @@ class GatewayServer:
         if self.geodb is not None:
             self.geodb.close()
             self.geodb = None
+        if self.access_log is not None:  # after the last request: every line is written
+            await self.access_log.close()
+            self.access_log = None
