@@ -22,8 +22,8 @@ When Redis is in trouble the policy's ``on_redis_trouble`` decides: limit locall
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 
 from gateway.errors import ClientError, NoHealthyUpstream
+from gateway.exchange import new_request_id
 from gateway.gcra import Decision, Limit, Source, per_minute
 from gateway.ratelimit_store import TroubleMode, TroublePolicy
 from gateway.usage import with_include_usage
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from gateway.config import RateLimitPolicy
     from gateway.exchange import Exchange
     from gateway.metrics import Metrics
@@ -166,6 +169,7 @@ class CompiledPolicy:
     concurrent: int | None
     default_max_tokens: int
     trouble: TroublePolicy
+    header: str = ""  # ``policy_field()``, rendered once by ``build``
 
     @classmethod
     def build(cls, name: str, p: RateLimitPolicy) -> CompiledPolicy:
@@ -179,7 +183,7 @@ class CompiledPolicy:
         tokens = (
             per_minute(p.tokens_per_minute, name=f"{name}-tpm") if p.tokens_per_minute else None
         )
-        return cls(
+        compiled = cls(
             name=name,
             request_limits=tuple(limits),
             tokens=tokens,
@@ -187,6 +191,7 @@ class CompiledPolicy:
             default_max_tokens=p.default_max_tokens,
             trouble=TroublePolicy(mode=TroubleMode(p.on_redis_trouble), local_share=p.local_share),
         )
+        return dataclasses.replace(compiled, header=compiled.policy_field())
 
     def policy_field(self) -> str:
         """``RateLimit-Policy`` items: quota ``q`` per window ``w`` seconds."""
@@ -266,6 +271,7 @@ class RateLimitStage:
         always_headers: bool = False,
     ) -> None:
         self._policies = {name: CompiledPolicy.build(name, p) for name, p in policies.items()}
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._store = store
         self._metrics = metrics
         self._tasks = tasks
@@ -299,10 +305,11 @@ class RateLimitStage:
         charged: list[tuple[str, float, Limit]] = []
         decisions: list[Decision] = []
         for kind, limit in policy.request_limits:
-            decision = await store.charge(f"{base}|{kind}", 1, limit, trouble=trouble)
+            key = f"{base}|{kind}"
+            decision = await store.charge(key, 1, limit, trouble=trouble)
             if not decision.allowed:
                 await self._refuse(ex, policy, decision, charged)
-            charged.append((f"{base}|{kind}", 1, limit))
+            charged.append((key, 1, limit))
             decisions.append(decision)
         request = ex.request
         if policy.tokens is not None and request.body_exists:  # no body: no model is asked
@@ -324,7 +331,7 @@ class RateLimitStage:
                 ex.body_override = rewritten  # so the final stream chunk reports usage
                 ex.strip_usage_chunk = True
         if policy.concurrent is not None:
-            lease = uuid.uuid4().hex
+            lease = new_request_id()  # unique, like the request's own id
             grant = await store.acquire_slot(
                 f"{base}|conc", lease, policy.concurrent, SLOT_TTL, trouble=trouble
             )
@@ -341,7 +348,7 @@ class RateLimitStage:
         if self._always and decisions:
             ex.response_headers.update(
                 {
-                    "RateLimit-Policy": policy.policy_field(),
+                    "RateLimit-Policy": policy.header,
                     "RateLimit": ", ".join(_ratelimit_field(d) for d in decisions),
                 }
             )
@@ -368,7 +375,7 @@ class RateLimitStage:
             f"limit {decision.limit.name!r} exhausted; retry in {decision.retry_after:.3f} s",
             retry_after=decision.retry_after,
             fields={
-                "RateLimit-Policy": policy.policy_field(),
+                "RateLimit-Policy": policy.header,
                 "RateLimit": _ratelimit_field(decision),
             },
         )
@@ -377,10 +384,17 @@ class RateLimitStage:
         self, ex: Exchange, policy: CompiledPolicy, decisions: list[Decision], result: str
     ) -> None:
         assert ex.route is not None
-        if result == "allowed" and any(d.source is Source.FALLBACK for d in decisions):
-            result = "fallback"
+        if result == "allowed":
+            for d in decisions:
+                if d.source is Source.FALLBACK:
+                    result = "fallback"
+                    break
         ex.ratelimit_result = result
-        self._metrics.ratelimit_decisions.labels(ex.route.prefix, policy.name, result).inc()
+        key = (ex.route.prefix, policy.name, result)
+        counter = self._decision_children.get(key)
+        if counter is None:
+            counter = self._decision_children[key] = self._metrics.ratelimit_decisions.labels(*key)
+        counter.inc()
 
     def on_complete(self, ex: Exchange) -> None:
         """Free the concurrency slot and reconcile reserved tokens with the reported usage."""

@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +43,7 @@ from gateway.errors import (
     HeaderFieldsTooLarge,
     RouteNotFound,
 )
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, new_request_id
 from gateway.forwarded import TrustedProxies
 from gateway.geo import GeoDatabase, GeoDatabaseError
 from gateway.health import HealthChecker, ProbeSettings
@@ -123,7 +122,7 @@ class _GatewayProtocol(RequestHandler):
             error = HeaderFieldsTooLarge("too many header fields")
         else:
             error = BadRequest(f"malformed HTTP request: {exc.message}")
-        resp = _problem_response(error, uuid.uuid4().hex)
+        resp = _problem_response(error, new_request_id())
         resp.force_close()
         return resp
 
@@ -806,7 +805,7 @@ class GatewayServer:
         headers = request.headers
         rid = headers.get("X-Request-Id")
         if rid is None or not _REQUEST_ID_RE.match(rid):
-            rid = uuid.uuid4().hex
+            rid = new_request_id()
         ex = Exchange(request, rid, loop.time())
         ex.trace = TraceContext.from_headers(
             headers.getall("traceparent", ()), headers.getall("tracestate", ())
