@@ -256,9 +256,15 @@ def request_cache_control(headers: HeaderInput) -> CacheControl:
     lines = h.getall("Cache-Control", [])
     if lines:
         return parse_cache_control(lines)
-    pragma = ",".join(h.getall("Pragma", [])).lower()
+    pragmas = h.getall("Pragma", [])
+    if not pragmas:
+        return _NO_DIRECTIVES  # the common case, answered without building anything
+    pragma = ",".join(pragmas).lower()
     no_cache = "no-cache" in (p.strip() for p in pragma.split(","))
     return CacheControl(no_cache=no_cache)
+
+
+_NO_DIRECTIVES = CacheControl()  # frozen: safe to share
 
 
 # --- HTTP-date (RFC 9110 §5.6.7) ---------------------------------------------------------

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ from gateway.httpcache import cache_status, request_cache_control
 from gateway.pipeline import LocalReply
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from gateway.cache import ResponseCapture
     from gateway.exchange import Exchange
     from gateway.metrics import Metrics
@@ -52,6 +55,7 @@ __all__ = [
 ]
 
 COALESCE_WAIT = 30.0  # seconds a coalesced request waits for the leader's answer
+ANSWER_CACHE_SIZE = 1024  # parsed answers kept for repeated hits (entries, not bytes)
 _BODY_LIMIT = 64 * 1024  # bytes: larger request bodies are not cached (never read whole here)
 
 
@@ -264,6 +268,10 @@ class LlmCacheStage:
         self._metrics = metrics
         self._tasks = tasks
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        # parsed answers of recently hit entries, so a hit does not parse JSON again; an
+        # entry never changes once stored, so (key, stored_at) names its body
+        self._answers: OrderedDict[tuple[str, float], Answer] = OrderedDict()
+        self._lookup_children: dict[tuple[str, str], Counter] = {}
 
     async def on_request(self, ex: Exchange) -> LocalReply | None:
         """Answer a deterministic, cached LLM request from its entry; else prepare storing."""
@@ -341,8 +349,22 @@ class LlmCacheStage:
         status = cache_status("hit", ttl=fresh_until - now, collapsed=collapsed)
         return self._reply(ex, entry, status)
 
-    def _reply(self, ex: Exchange, entry: CacheEntry, status_field: str) -> LocalReply | None:
+    def _answer(self, entry: CacheEntry) -> Answer | None:
+        """``Answer.from_json(entry.body)``, from a small LRU of recent hits."""
+        ident = (entry.key, entry.stored_at)
+        answer = self._answers.get(ident)
+        if answer is not None:
+            self._answers.move_to_end(ident)
+            return answer
         answer = Answer.from_json(entry.body)
+        if answer is not None:
+            self._answers[ident] = answer
+            if len(self._answers) > ANSWER_CACHE_SIZE:
+                self._answers.popitem(last=False)
+        return answer
+
+    def _reply(self, ex: Exchange, entry: CacheEntry, status_field: str) -> LocalReply | None:
+        answer = self._answer(entry)
         if answer is None:
             return None
         state = ex.cache_state or {}
@@ -417,7 +439,11 @@ class LlmCacheStage:
 
     def _count(self, ex: Exchange, result: str) -> None:
         ex.cache_result = result
-        self._metrics.cache_lookups.labels(result, ex.zone or "none").inc()
+        key = (result, ex.zone or "none")
+        counter = self._lookup_children.get(key)
+        if counter is None:
+            counter = self._lookup_children[key] = self._metrics.cache_lookups.labels(*key)
+        counter.inc()
 
 
 def _capture(limit: int) -> ResponseCapture:
