@@ -6,6 +6,8 @@
 # The tests start their own redis-server processes on free loopback ports; the package's own
 # service, if the machine starts one, is not used.
 set -euo pipefail
+# nginx and HAProxy for bench/perf.py (its smoke test runs them), without their services
+bash "$(dirname "$0")/install-bench-deps.sh"
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
