@@ -1,13 +1,15 @@
 """The forwarder: stream a request to an upstream endpoint and its answer back.
 
-Rule: this is the only module that talks HTTP to upstreams. aiohttp client errors are
-translated here, at the adapter edge, into GatewayErrors (``map_upstream_errors``).
+Rule: this is the only module that talks HTTP to upstreams, through its own lean client
+(``gateway.upstream_client``: pooled HTTP/1.1 connections parsed by llhttp), which raises
+GatewayErrors itself (connect, protocol, timeout with its phase).
 
-Backpressure: aiohttp pauses the upstream socket once its reader holds twice ``read_bufsize``
-and ``resp.write()`` waits while the client socket is full, so a streamed body holds only a few
-chunks in memory, whatever its length. Small bodies with a known Content-Length (at most
-``BUFFER_LIMIT`` bytes) are read whole, which costs fewer system calls and loop iterations
-than chunked relaying; everything else (chunked, SSE, large) is relayed chunk by chunk.
+Backpressure: the client pauses the upstream socket once it holds ``READ_HIGH_WATER`` bytes
+the forwarder has not taken, and ``resp.write()`` waits while the client socket is full, so a
+streamed body holds only a few chunks in memory, whatever its length. Small bodies with a
+known Content-Length (at most ``BUFFER_LIMIT`` bytes) are read whole, which costs fewer system
+calls and loop iterations than chunked relaying; everything else (chunked, SSE, large) is
+relayed chunk by chunk.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.budget import RetryBudget, backoff_delay, parse_retry_after
 from gateway.errors import (
@@ -47,13 +48,13 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.metrics import Metrics
     from gateway.routing import Route, RouteTable
+    from gateway.upstream_client import UpstreamClient, UpstreamResponse
     from gateway.upstreams import Endpoint, Lease, Region, Upstreams
 
 __all__ = [
     "BUFFER_LIMIT",
     "IDEMPOTENT_METHODS",
     "HttpForwarder",
-    "map_upstream_errors",
     "sse_error_event",
 ]
 
@@ -127,43 +128,11 @@ async def _limited_body(
         yield chunk
 
 
-@contextlib.contextmanager
-def map_upstream_errors(phase: str) -> Iterator[None]:
-    """Translate aiohttp client errors into GatewayErrors, raised ``from`` the original.
-
-    Our own timeout scopes surface as TimeoutError outside this block (``asyncio.timeout``
-    converts the cancellation at its own exit); ``forward`` maps those.
-
-    Args:
-        phase: names a timeout raised inside the client (``first_byte``, ``idle``).
-
-    Raises:
-        UpstreamTimeout: connect (aiohttp's sock_connect) ran out, or the client raised a
-            timeout of its own (504).
-        UpstreamConnectError: no connection could be made, DNS included (502).
-        UpstreamProtocolError: the upstream reset, closed or spoke broken HTTP (502).
-    """
-    try:
-        yield
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise UpstreamTimeout("connecting to the upstream timed out", phase="connect") from exc
-    except aiohttp.ServerTimeoutError as exc:
-        raise UpstreamTimeout("upstream read timed out", phase=phase) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectError(f"cannot connect to the upstream: {exc.os_error}") from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-        raise UpstreamProtocolError(f"the upstream broke the response: {exc}") from exc
-    except aiohttp.ClientResponseError as exc:
-        raise UpstreamProtocolError(f"the upstream sent invalid HTTP: {exc.message}") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamProtocolError(f"upstream connection failed: {exc}") from exc
-
-
 class HttpForwarder:
-    """The terminal stage: forward to the chosen endpoint over a pooled ClientSession.
+    """The terminal stage: forward to the chosen endpoint over pooled upstream connections.
 
     Args:
-        session: the process's one ClientSession (``auto_decompress=False``).
+        client: the process's one UpstreamClient (keep-alive pools per endpoint).
         upstreams: the endpoints by region.
         routes: the compiled routes (per-route socket timeouts are prepared from them).
         via: the Via pseudonym (RFC 9110 §7.6.3).
@@ -174,7 +143,7 @@ class HttpForwarder:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         upstreams: Upstreams,
         routes: RouteTable,
         via: str,
@@ -183,16 +152,12 @@ class HttpForwarder:
         metrics: Metrics,
         retry_after: int = 2,
     ) -> None:
-        self._session = session
+        self._client = client
         self._upstreams = upstreams
         self._via = via
         self._budget = budget
         self._metrics = metrics
         self._retry_after = retry_after
-        self._socket_timeouts = {
-            r.index: aiohttp.ClientTimeout(total=None, sock_connect=r.connect_timeout)
-            for r in routes.routes
-        }
 
     def _upstream_headers(self, ex: Exchange) -> CIMultiDict[str]:
         request = ex.request
@@ -242,9 +207,9 @@ class HttpForwarder:
                 headers["tracestate"] = trace.tracestate
         return headers
 
-    def _response_headers(self, ex: Exchange, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    def _response_headers(self, ex: Exchange, upstream: UpstreamResponse) -> CIMultiDict[str]:
         headers = strip_hop_by_hop(upstream.headers)
-        via = via_value(upstream.version or (1, 1), self._via)
+        via = via_value(upstream.version, self._via)
         prior_via = ", ".join(headers.popall("Via", ()))
         headers["Via"] = f"{prior_via}, {via}" if prior_via else via
         headers["X-Request-Id"] = ex.request_id
@@ -291,8 +256,10 @@ class HttpForwarder:
         Raises:
             NoHealthyUpstream: no region of the zone is available, or all are full (503).
             PayloadTooLarge: the body passes ``route.max_body_bytes`` (413).
-            UpstreamConnectError, UpstreamProtocolError: see ``map_upstream_errors`` (502).
-            UpstreamTimeout: a phase ran out of time (504).
+            UpstreamConnectError: no connection could be made, DNS and TLS included (502).
+            UpstreamProtocolError: the upstream reset, closed or spoke broken HTTP (502).
+            UpstreamTimeout: a phase ran out of time (504; ``connect`` is
+                ``route.connect_timeout``).
             asyncio.CancelledError: the client left; the upstream connection is closed.
         """
         route = ex.route
@@ -347,13 +314,15 @@ class HttpForwarder:
                 tried.add(endpoint)
                 ex.endpoint = endpoint
                 ex.attempts += 1
-                url = URL(endpoint.origin + target, encoded=True)
                 ex.attempt_sent = sent_at = loop.time()
                 if ex.first_sent is None:
                     ex.first_sent = sent_at
                 ex.upstream_headers_at = ex.upstream_end = None  # of an earlier attempt
                 try:
-                    upstream = await self._send(ex, route, url, headers, body, state, deadline)
+                    upstream = await self._send(
+                        ex, route, endpoint.origin, target, headers, body, state, deadline,
+                        retry_stale=idempotent and replayable,
+                    )  # fmt: skip
                     ex.upstream_headers_at = answered = loop.time()
                     data = await self._read_small(ex, route, upstream, deadline)
                     if data is not None:
@@ -418,7 +387,7 @@ class HttpForwarder:
         reason: str,
         deadline: float,
         holding: bool,
-        discard: aiohttp.ClientResponse | None = None,
+        discard: UpstreamResponse | None = None,
     ) -> Lease | None:
         """Decide on one more attempt: take another endpoint and the budget, wait the backoff.
 
@@ -486,23 +455,31 @@ class HttpForwarder:
             return None
         out_headers = {**headers, "X-Residency-Zone": zone, "Via": f"1.1 {self._via}"}
         success: bool | None = None
+        deadline = asyncio.get_running_loop().time() + within
+        upstream: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(within):
-                async with self._session.get(
-                    URL(lease.endpoint.origin + target, encoded=True),
-                    headers=out_headers,
-                    allow_redirects=False,
-                ) as upstream:
-                    body = await upstream.content.read(limit + 1)
-                    success = upstream.status < 500
-                    if len(body) > limit:
+            upstream = await self._client.request(
+                lease.endpoint.origin, "GET", target, out_headers,
+                connect_timeout=within, deadline=deadline, phase="total", retry_stale=True,
+            )  # fmt: skip
+            async with asyncio.timeout_at(deadline):
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := await upstream.readany():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        success = upstream.status < 500
                         return None
-                    return upstream.status, upstream.headers, body
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            success = upstream.status < 500
+            return upstream.status, upstream.headers, b"".join(chunks)
+        except (TimeoutError, UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout) as exc:
             success = False
             log.info("background fetch of %s failed: %s", target, exc)
             return None
         finally:
+            if upstream is not None:
+                upstream.release()  # closes the connection unless the body ended cleanly
             self._finish(lease, success=success, result="background")
 
     def _finish(self, lease: Lease, *, success: bool | None, result: str) -> None:
@@ -518,33 +495,33 @@ class HttpForwarder:
         self,
         ex: Exchange,
         route: Route,
-        url: URL,
+        origin: str,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         state: _BodyState,
         deadline: float,
-    ) -> aiohttp.ClientResponse:
-        """One attempt up to the response headers.
+        *,
+        retry_stale: bool,
+    ) -> UpstreamResponse:
+        """One attempt up to the response headers (``first_byte`` bounds connect + send + wait).
+
+        Args:
+            retry_stale: the request may be sent again on a new connection when a reused
+                one closes before answering (idempotent and replayable).
 
         Raises:
-            UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout: mapped errors.
+            UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout: from the client.
             PayloadTooLarge: the streamed body passed the limit while being sent.
         """
-        loop = asyncio.get_running_loop()
-        phase = "total" if deadline <= loop.time() + route.first_byte_timeout else "first_byte"
+        first_byte = self._client.loop.time() + route.first_byte_timeout
+        phase = "total" if deadline <= first_byte else "first_byte"
         try:
-            async with asyncio.timeout_at(min(loop.time() + route.first_byte_timeout, deadline)):
-                with map_upstream_errors(phase):
-                    return await self._session.request(
-                        ex.request.method,
-                        url,
-                        headers=headers,
-                        data=body,
-                        allow_redirects=False,
-                        timeout=self._socket_timeouts[route.index],
-                    )
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"upstream {phase} timeout", phase=phase) from exc
+            return await self._client.request(
+                origin, ex.request.method, target, headers, body,
+                connect_timeout=route.connect_timeout, deadline=min(first_byte, deadline),
+                phase=phase, retry_stale=retry_stale,
+            )  # fmt: skip
         except GatewayError:
             if state.too_large:
                 raise PayloadTooLarge(
@@ -553,7 +530,7 @@ class HttpForwarder:
             raise
 
     async def _read_small(
-        self, ex: Exchange, route: Route, upstream: aiohttp.ClientResponse, deadline: float
+        self, ex: Exchange, route: Route, upstream: UpstreamResponse, deadline: float
     ) -> bytes | None:
         """Read a body of at most BUFFER_LIMIT bytes with a Content-Length whole, before any
         byte goes to the client, so that a reset while reading can still be retried.
@@ -574,24 +551,16 @@ class HttpForwarder:
             or upstream.status in _NO_BODY_STATUSES
         ):
             return None
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(min(loop.time() + route.idle_timeout, deadline)):
-                with map_upstream_errors("idle"):
-                    return await upstream.read()
-        except TimeoutError as exc:
-            upstream.close()
-            phase = "total" if loop.time() >= deadline else "idle"
-            raise UpstreamTimeout(f"upstream {phase} timeout", phase=phase) from exc
-        except BaseException:
-            upstream.close()
-            raise
+        idle = self._client.loop.time() + route.idle_timeout
+        if deadline <= idle:
+            return await upstream.read(deadline, "total")  # closes the connection on failure
+        return await upstream.read(idle, "idle")
 
     async def _stream_back(
         self,
         ex: Exchange,
         route: Route,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         data: bytes | None,
         lease: Lease,
         deadline: float,
@@ -603,11 +572,32 @@ class HttpForwarder:
         or LangServe ``event: error``), then the connection is cut, so no client mistakes a
         broken answer for a complete one.
         """
-        request = ex.request
-        loop = asyncio.get_running_loop()
         ex.upstream_status = status = upstream.status
         success: bool | None = status < 500
         result = f"status_{status // 100}xx"
+        if data is not None:  # read whole already: nothing left to wait for, so no timer
+            try:
+                headers = self._response_headers(ex, upstream)
+                del headers["Content-Length"]
+                capture = ex.capture
+                if capture is not None:
+                    capture.start(status, upstream.headers)  # as received, not as sent
+                    capture.feed(data)
+                    capture.finish()
+                if ex.token_reservation:
+                    ex.usage_tokens = usage_from_json(data)
+                ex.status = status
+                return web.Response(
+                    status=status, reason=upstream.reason, body=data, headers=headers
+                )
+            except BaseException:
+                success, result = None, "cancelled"
+                raise
+            finally:
+                upstream.release()
+                self._finish(lease, success=success, result=result)
+        request = ex.request
+        loop = asyncio.get_running_loop()
         prepared: web.StreamResponse | None = None
         idle = route.idle_timeout
         try:
@@ -616,17 +606,6 @@ class HttpForwarder:
                 capture = ex.capture
                 if capture is not None:
                     capture.start(status, upstream.headers)  # as received, not as sent
-                if data is not None:
-                    del headers["Content-Length"]
-                    if ex.token_reservation:
-                        ex.usage_tokens = usage_from_json(data)
-                    if capture is not None:
-                        capture.feed(data)
-                        capture.finish()
-                    ex.status = status
-                    return web.Response(
-                        status=status, reason=upstream.reason, body=data, headers=headers
-                    )
                 prepared = web.StreamResponse(
                     status=status, reason=upstream.reason, headers=headers
                 )
@@ -634,20 +613,18 @@ class HttpForwarder:
                 await prepared.prepare(request)
                 ex.headers_sent = loop.time()
                 ex.bytes_out = 0  # body bytes, in case the stream breaks before write_eof
-                reader = upstream.content
                 tap = None
                 if ex.token_reservation and upstream.content_type == "text/event-stream":
                     tap = SseUsageTap(strip=ex.strip_usage_chunk)
-                with map_upstream_errors("idle"):
-                    while chunk := await reader.readany():
-                        if tap is not None:
-                            chunk = tap.feed(chunk)
-                        if chunk:
-                            await prepared.write(chunk)
-                            ex.bytes_out += len(chunk)
-                            if capture is not None:
-                                capture.feed(chunk)
-                        timer.reschedule(min(loop.time() + idle, deadline))
+                while chunk := await upstream.readany():
+                    if tap is not None:
+                        chunk = tap.feed(chunk)
+                    if chunk:
+                        await prepared.write(chunk)
+                        ex.bytes_out += len(chunk)
+                        if capture is not None:
+                            capture.feed(chunk)
+                    timer.reschedule(min(loop.time() + idle, deadline))
                 ex.upstream_end = done = loop.time()
                 if ex.attempt_sent is not None and ex.endpoint is not None:
                     self._metrics.observe_upstream_duration(
@@ -690,7 +667,7 @@ class HttpForwarder:
         self,
         ex: Exchange,
         prepared: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         err: GatewayError,
     ) -> None:
         """End a response whose headers went out: an SSE error event, then cut."""

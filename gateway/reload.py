@@ -35,6 +35,7 @@ import orjson
 from yarl import URL
 
 from gateway.pipeline import Pipeline
+from gateway.upstream_client import UpstreamClient
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -220,7 +221,9 @@ class GenerationPipeline(Pipeline):
             self._idle.clear()
 
 
-def close_idle_connections(session: aiohttp.ClientSession | None, origins: Iterable[str]) -> int:
+def close_idle_connections(
+    session: UpstreamClient | aiohttp.ClientSession | None, origins: Iterable[str]
+) -> int:
     """Close the pooled keep-alive connections ``session`` holds to ``origins``.
 
     For endpoints a reload removed: without this their idle connections would stay open
@@ -231,7 +234,8 @@ def close_idle_connections(session: aiohttp.ClientSession | None, origins: Itera
     and keep-alive expiry closes them.
 
     Args:
-        session: the ClientSession (proxy or probes); None does nothing.
+        session: the forwarder's UpstreamClient (``UpstreamClient.close_idle``) or the
+            probes' ClientSession; None does nothing.
         origins: ``scheme://host:port`` origins.
 
     Returns:
@@ -239,6 +243,8 @@ def close_idle_connections(session: aiohttp.ClientSession | None, origins: Itera
     """
     if session is None or session.closed:
         return 0
+    if isinstance(session, UpstreamClient):
+        return session.close_idle(origins)
     pool = getattr(session.connector, "_conns", None)
     if not isinstance(pool, dict):
         return 0

@@ -66,6 +66,7 @@ from gateway.residency import ResidencyRules
 from gateway.routing import RouteTable
 from gateway.tenants import TenantStage
 from gateway.tracecontext import TraceContext
+from gateway.upstream_client import UpstreamClient
 from gateway.upstreams import Upstreams
 from gateway.windowstats import WindowStats
 
@@ -237,7 +238,7 @@ class GatewayServer:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.geodb: GeoDatabase | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.session: UpstreamClient | None = None  # the forwarder's pooled upstream client
         self.clock = LoopClock()
         self.metrics = Metrics()
         self.metrics.registry.register(GeoCollector(lambda: self.geodb))
@@ -312,19 +313,11 @@ class GatewayServer:
         self._resolver = TTLResolver(
             min_ttl=up.dns_min_ttl, max_ttl=up.dns_max_ttl, nameservers=list(up.nameservers) or None
         )
-        connector = aiohttp.TCPConnector(
-            limit=up.max_connections,
-            limit_per_host=up.max_connections_per_endpoint,
-            keepalive_timeout=up.keepalive_timeout,
+        self.session = UpstreamClient(
             resolver=self._resolver,
-            use_dns_cache=False,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None),
+            limit=up.max_connections,
+            limit_per_endpoint=up.max_connections_per_endpoint,
+            keepalive_timeout=up.keepalive_timeout,
         )
         if (probes := _probe_settings(cfg)) is not None:
             self._open_health_checks(probes)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.config import load_config
 from gateway.server import GatewayServer
+from tests.netutil import unresponsive_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTRY_TEST_DB = ROOT / "tests" / "data" / "geodb" / "GeoIP2-Country-Test.mmdb"
@@ -478,28 +479,14 @@ async def test_first_byte_timeout_is_504(
 async def test_connect_timeout_is_504(
     make_gateway: GatewayFactory, upstreams: dict[str, Upstream], client: aiohttp.ClientSession
 ) -> None:
-    # A listening socket whose accept queue is full never completes new handshakes.
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        port = full.getsockname()[1]
-        fillers = []
-        for _ in range(8):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
+    with unresponsive_port() as port:
         base = await make_gateway(
             {"us-east-1": [f"http://127.0.0.1:{port}"], "eu-west-1": [upstreams["eu-west-1"].url]},
             timeouts={"connect": "100ms"},
         )
-        try:
-            async with client.get(f"{base}/echo", headers={"X-Forwarded-For": US}) as resp:
-                assert resp.status == 504
-                problem = orjson.loads(await resp.read())
-        finally:
-            for s in fillers:
-                s.close()
+        async with client.get(f"{base}/echo", headers={"X-Forwarded-For": US}) as resp:
+            assert resp.status == 504
+            problem = orjson.loads(await resp.read())
     assert problem["phase"] == "connect"
 
 

@@ -35,6 +35,7 @@ from tests.integration.cluster import (
     stop,
     wait_for_line,
 )
+from tests.netutil import self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -158,19 +159,8 @@ async def test_readiness_fails_and_answers_say_close_during_the_grace_period(
     assert await refused(url)
 
 
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "gateway.pem", tmp / "gateway.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext",
-         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_tls_terminates_on_the_listener(backends: Cluster, tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "gateway")
     config = write_config(backends, "tls", tls={"cert": str(cert), "key": str(key)})
     url, _, _ = start(backends, config)
     https = url.replace("http://", "https://")
@@ -199,7 +189,7 @@ async def test_tls_terminates_on_the_listener(backends: Cluster, tmp_path: Path)
 
 
 def test_tls_config_errors_name_the_file_and_key(backends: Cluster, tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "gateway")
     bad = write_config(backends, "tls-missing", tls={"cert": "nope.pem", "key": str(key)})
     with pytest.raises(ConfigError) as missing:
         load_config(bad)
