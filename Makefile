@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench perf clean
 
 $(VENV)/.run-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml scripts/install-system-deps.sh
+$(VENV)/.test-installed: pyproject.toml scripts/install-system-deps.sh scripts/install-bench-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	bash scripts/install-system-deps.sh
@@ -28,6 +28,10 @@ test: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py
+
+# GeoGate against nginx, HAProxy, a plain aiohttp proxy (about 13 min; see README, Benchmark)
+perf: $(VENV)/.test-installed
+	$(PY) bench/perf.py
 
 clean:
 	rm -rf $(VENV) bench/out
