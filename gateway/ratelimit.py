@@ -273,6 +273,8 @@ class RateLimitStage:
         self._policies = {name: CompiledPolicy.build(name, p) for name, p in policies.items()}
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._store = store
+        # the in-process store answers synchronously: skip building a coroutine per limit
+        self._charge_now = store.memory.charge_nowait if isinstance(store, LocalStore) else None
         self._metrics = metrics
         self._tasks = tasks
         self._always = always_headers
@@ -304,9 +306,13 @@ class RateLimitStage:
         store, trouble = self._store, policy.trouble
         charged: list[tuple[str, float, Limit]] = []
         decisions: list[Decision] = []
+        charge_now = self._charge_now
         for kind, limit in policy.request_limits:
             key = f"{base}|{kind}"
-            decision = await store.charge(key, 1, limit, trouble=trouble)
+            if charge_now is not None:  # in process: exact without a coroutine
+                decision = charge_now(key, 1, limit)
+            else:
+                decision = await store.charge(key, 1, limit, trouble=trouble)
             if not decision.allowed:
                 await self._refuse(ex, policy, decision, charged)
             charged.append((key, 1, limit))
@@ -346,11 +352,12 @@ class RateLimitStage:
             ex.slot_lease = (f"{base}|conc", lease)
         self._count(ex, policy, decisions, "allowed")
         if self._always and decisions:
-            ex.response_headers.update(
-                {
-                    "RateLimit-Policy": policy.header,
-                    "RateLimit": ", ".join(_ratelimit_field(d) for d in decisions),
-                }
+            headers = ex.response_headers
+            headers["RateLimit-Policy"] = policy.header
+            headers["RateLimit"] = (
+                _ratelimit_field(decisions[0])
+                if len(decisions) == 1
+                else ", ".join(map(_ratelimit_field, decisions))
             )
         return None
 
