@@ -46,29 +46,45 @@ def connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> list
     return names
 
 
+_DROP_SETS: dict[tuple[str, ...], frozenset[str]] = {}  # extra -> lower-case names dropped
+
+
 def strip_hop_by_hop(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], extra: tuple[str, ...] = ()
 ) -> CIMultiDict[str]:
     """Return a copy of ``headers`` without hop-by-hop, Connection-listed and ``extra`` fields.
 
+    One pass over ``headers``, keeping order and repeated fields; the set of names to drop is
+    built once per ``extra`` (callers pass module constants).
+
     Args:
         headers: the received header fields (kept unchanged).
         extra: further field names to drop, any case.
     """
-    out = CIMultiDict(headers)
-    if "Connection" in out:
-        for name in connection_listed(out):
-            out.popall(name, None)
-    for name in HOP_BY_HOP:
-        out.popall(name, None)
-    for name in extra:
-        out.popall(name, None)
-    return out
+    drop = _DROP_SETS.get(extra)
+    if drop is None:
+        drop = frozenset(name.lower() for name in (*HOP_BY_HOP, *extra))
+        if len(_DROP_SETS) < 64:
+            _DROP_SETS[extra] = drop
+    if "Connection" in headers:
+        drop = drop.union(connection_listed(headers))
+    return CIMultiDict(
+        [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    )
+
+
+_VIA: dict[tuple[tuple[int, int], str], str] = {}
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> str:
     """One Via element for a message received as HTTP/``version`` (RFC 9110 §7.6.3)."""
-    return f"{version[0]}.{version[1]} {pseudonym}"
+    key = (version, pseudonym)
+    value = _VIA.get(key)
+    if value is None:
+        value = f"{version[0]}.{version[1]} {pseudonym}"
+        if len(_VIA) < 64:
+            _VIA[key] = value
+    return value
 
 
 def forwarded_element(client: str | None, *, proto: str, host: str | None) -> str:
