@@ -60,11 +60,9 @@ from typing import Any, TypeVar
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway.breaker import Breaker
-from gateway.callguard import CallGuard
+from gateway.callguard import CallGuard, guarded_redis
 from gateway.clock import Clock, LoopClock
 
 __all__ = [
@@ -678,12 +676,7 @@ class RedisCache:
             socket_timeout: redis-py's connect and read timeouts, seconds: a backstop only,
                 the per-call budget is ``ZoneCaches``' ``call_timeout``.
         """
-        client = Redis.from_url(
-            url,
-            retry=Retry(NoBackoff(), 0),
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-        )
+        client = guarded_redis(url, socket_timeout=socket_timeout)
         return cls(
             zone,
             client,

@@ -53,9 +53,13 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 from gateway.breaker import Breaker, BreakerState
 
-__all__ = ["CallGuard"]
+__all__ = ["CallGuard", "guarded_redis"]
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -279,3 +283,20 @@ class CallGuard:
             f"calls_total={self.calls_total} errors_total={self.errors_total} "
             f"refused_total={self.refused_total} late={len(self._late)}>"
         )
+
+
+def guarded_redis(url: str, *, socket_timeout: float) -> Redis:
+    """A redis-py client for ``url`` (``redis://host:port/db``) meant to sit behind a
+    ``CallGuard``: it never retries on its own (the guard's budget and breaker decide what a
+    failure means), and its connect and read timeouts are a backstop only.
+
+    Args:
+        url: redis-py URL syntax.
+        socket_timeout: redis-py's connect and read timeouts, seconds.
+    """
+    return Redis.from_url(
+        url,
+        retry=Retry(NoBackoff(), 0),
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+    )

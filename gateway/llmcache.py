@@ -38,8 +38,6 @@ from gateway.httpcache import cache_status, request_cache_control
 from gateway.pipeline import LocalReply
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.cache import ResponseCapture
     from gateway.exchange import Exchange
     from gateway.metrics import Metrics
@@ -271,7 +269,6 @@ class LlmCacheStage:
         # parsed answers of recently hit entries, so a hit does not parse JSON again; an
         # entry never changes once stored, so (key, stored_at) names its body
         self._answers: OrderedDict[tuple[str, float], Answer] = OrderedDict()
-        self._lookup_children: dict[tuple[str, str], Counter] = {}
 
     async def on_request(self, ex: Exchange) -> LocalReply | None:
         """Answer a deterministic, cached LLM request from its entry; else prepare storing."""
@@ -424,7 +421,7 @@ class LlmCacheStage:
             )  # fmt: skip
             if self._caches.put_l1(entry):
                 self._tasks.spawn(self._caches.put_l2(entry))
-                self._metrics.cache_stores.labels(ex.zone).inc()
+                self._metrics.child(self._metrics.cache_stores, ex.zone).inc()
         finally:
             if state.get("leader"):
                 future = self._inflight.pop(state["key"], None)
@@ -432,18 +429,13 @@ class LlmCacheStage:
                     future.set_result(None)
 
     def _bypass(self, ex: Exchange, why: str) -> LocalReply | None:
-        ex.cache_result = "bypass"
+        self._count(ex, "bypass")
         ex.response_headers["Cache-Status"] = cache_status("fwd", fwd="bypass", detail=why)
-        self._metrics.cache_lookups.labels("bypass", ex.zone or "none").inc()
         return None
 
     def _count(self, ex: Exchange, result: str) -> None:
         ex.cache_result = result
-        key = (result, ex.zone or "none")
-        counter = self._lookup_children.get(key)
-        if counter is None:
-            counter = self._lookup_children[key] = self._metrics.cache_lookups.labels(*key)
-        counter.inc()
+        self._metrics.child(self._metrics.cache_lookups, result, ex.zone or "none").inc()
 
 
 def _capture(limit: int) -> ResponseCapture:

@@ -22,7 +22,7 @@ builds a tuple and takes a lock on each call); one request costs a dict lookup p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange
     from gateway.geo import GeoDatabase
     from gateway.upstreams import Upstreams
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -196,6 +198,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         Info("geogate_build", "the running gateway's version", registry=r).info(
             {"version": __version__}
         )
@@ -315,6 +318,24 @@ class Metrics:
                 self.upstream_duration.labels(region),
             )
         return children
+
+    def child(self, metric: _M, *labels: str) -> _M:
+        """``metric.labels(*labels)``, built once and then looked up: prometheus_client's
+        ``labels()`` takes a lock and builds a key on every call, too much for the request
+        path. Label values must come from bounded sets (zone, region, route, result).
+
+        Args:
+            metric: one of this instance's labelled metrics, e.g. ``self.cache_lookups``.
+            labels: its label values, in declaration order.
+
+        Raises:
+            ValueError: the wrong number of label values (from prometheus_client).
+        """
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observe_upstream_first_byte(self, region: str, seconds: float) -> None:
         """One attempt's wait for response headers (``geogate_upstream_first_byte_seconds``).

@@ -37,8 +37,6 @@ from gateway.ratelimit_store import TroubleMode, TroublePolicy
 from gateway.usage import with_include_usage
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from gateway.config import RateLimitPolicy
     from gateway.exchange import Exchange
     from gateway.metrics import Metrics
@@ -271,7 +269,6 @@ class RateLimitStage:
         always_headers: bool = False,
     ) -> None:
         self._policies = {name: CompiledPolicy.build(name, p) for name, p in policies.items()}
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._store = store
         # the in-process store answers synchronously: skip building a coroutine per limit
         self._charge_now = store.memory.charge_nowait if isinstance(store, LocalStore) else None
@@ -397,11 +394,8 @@ class RateLimitStage:
                     result = "fallback"
                     break
         ex.ratelimit_result = result
-        key = (ex.route.prefix, policy.name, result)
-        counter = self._decision_children.get(key)
-        if counter is None:
-            counter = self._decision_children[key] = self._metrics.ratelimit_decisions.labels(*key)
-        counter.inc()
+        metrics = self._metrics
+        metrics.child(metrics.ratelimit_decisions, ex.route.prefix, policy.name, result).inc()
 
     def on_complete(self, ex: Exchange) -> None:
         """Free the concurrency slot and reconcile reserved tokens with the reported usage."""

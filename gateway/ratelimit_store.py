@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway.breaker import Breaker
-from gateway.callguard import CallGuard
+from gateway.callguard import CallGuard, guarded_redis
 from gateway.gcra import EPSILON, Decision, Limit, Source, gcra_update
 
 if TYPE_CHECKING:
@@ -401,12 +399,7 @@ class RedisStore:
             socket_timeout: redis-py's connect and read timeouts, seconds: a backstop only,
                 the per-call budget is ``ResilientStore.call_timeout``.
         """
-        client = Redis.from_url(
-            url,
-            retry=Retry(NoBackoff(), 0),
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-        )
+        client = guarded_redis(url, socket_timeout=socket_timeout)
         return cls(client, prefix=prefix, owns_client=True)
 
     @property

@@ -1,32 +1,4 @@
 #!/usr/bin/env bash
-# Installs what bench/perf.py compares GeoGate with, from Debian's packages, when missing:
-# nginx (1.22, the "light" build: proxy, upstream keepalive, return), HAProxy (2.6), wrk and
-# redis-server. Idempotent; does nothing when everything is present. The benchmark runs each
-# program with its own config on ephemeral loopback ports and stops it; the packages' own
-# services are never used, and are kept from starting at install time (policy-rc.d exit 101)
-# so that nothing binds port 80 behind our back.
-set -euo pipefail
-need=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v wrk >/dev/null 2>&1 || need+=(wrk)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-[ ${#need[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
-    echo "install-bench-deps: missing ${need[*]} and not root (no sudo): install them with your package manager" >&2
-    exit 1
-  fi
-else SUDO=""; fi
-echo "install-bench-deps: installing ${need[*]}" >&2
-policy=/usr/sbin/policy-rc.d
-added_policy=""
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
-  $SUDO chmod 755 "$policy"
-  added_policy=1
-fi
-cleanup() { if [ -n "$added_policy" ]; then $SUDO rm -f "$policy"; fi; }
-trap cleanup EXIT
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# What bench/perf.py compares GeoGate with (nginx, HAProxy, wrk, redis-server), from Debian's
+# packages when missing: install-system-deps.sh's "bench" set.
+exec bash "$(dirname "$0")/install-system-deps.sh" bench "$@"
