@@ -34,12 +34,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.cachekey import http_key, vary_key
 from gateway.cachestore import CacheEntry, ZoneCaches
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.http1 import Response
 from gateway.httpcache import (
     Outcome,
     StoredResponse,
@@ -290,7 +290,7 @@ class CacheStage:
 
     def _on_upstream_response(
         self, ex: Exchange, status: int, headers: CIMultiDictProxy[str]
-    ) -> web.StreamResponse | None:
+    ) -> Response | None:
         """A 304 to our revalidation: refresh the entry, serve its body (§4.3.4)."""
         state = ex.cache_state or {}
         entry: CacheEntry | None = state.get("entry")
@@ -313,7 +313,7 @@ class CacheStage:
         status_field = cache_status("fwd", fwd="stale", fwd_status=304, stored=True)
         reply = _answer(ex, updated, fresh, 0, status_field)
         ex.status = reply.status
-        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        return Response(reply.status, reply.body, reply.headers)
 
     def on_error(self, ex: Exchange, err: GatewayError) -> LocalReply | None:
         """Serve a stale entry instead of a gateway error: within its stale-if-error, or,
@@ -468,7 +468,7 @@ def _answer(
 
 
 def _reply(entry: CacheEntry, age: int, status_field: str) -> LocalReply:
-    """The stored answer with Age (§5.1) and Cache-Status; aiohttp leaves the body out for
+    """The stored answer with Age (§5.1) and Cache-Status; the listener leaves the body out for
     HEAD while keeping the GET's Content-Length (RFC 9110 §9.3.2)."""
     return LocalReply(entry.status, entry.body, _stored_headers(entry, age, status_field))
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
 
-    from aiohttp.web import BaseRequest, StreamResponse
     from multidict import CIMultiDictProxy
 
     from gateway.cache import ResponseCapture
+    from gateway.http1 import Request, Response, StreamResponse
     from gateway.routing import Route
     from gateway.tenants import Tenant
     from gateway.tracecontext import TraceContext
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange", "ResponseHook", "new_request_id"]
 
-ResponseHook = Callable[["Exchange", int, "CIMultiDictProxy[str]"], "StreamResponse | None"]
+ResponseHook = Callable[
+    ["Exchange", int, "CIMultiDictProxy[str]"], "Response | StreamResponse | None"
+]
 
 _ID_PREFIX = os.urandom(8).hex()  # this process's; workers are separate interpreters
 _id_counter = itertools.count(1)
@@ -48,7 +50,7 @@ class Exchange:
     (``asyncio`` loop clock, monotonic); a timestamp is None until its event happened.
 
     Attributes:
-        request: the aiohttp request.
+        request: the parsed request (``gateway.http1.Request``).
         request_id: echoed as X-Request-Id both ways, and in problem details.
         start: loop time the handler started, seconds.
         trace: the W3C trace context (TraceContext); set by the server before any stage.
@@ -100,7 +102,7 @@ class Exchange:
         "zone_source",
     )
 
-    def __init__(self, request: BaseRequest, request_id: str, start: float) -> None:
+    def __init__(self, request: Request, request_id: str, start: float) -> None:
         self.request = request
         self.request_id = request_id
         self.start = start

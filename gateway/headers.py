@@ -15,6 +15,7 @@ __all__ = [
     "GATEWAY_SET_FIELDS",
     "HOP_BY_HOP",
     "connection_listed",
+    "encode_head",
     "forwarded_element",
     "strip_hop_by_hop",
     "via_value",
@@ -74,6 +75,25 @@ def strip_hop_by_hop(
 
 
 _VIA: dict[tuple[tuple[int, int], str], str] = {}
+
+
+def encode_head(lines: list[str]) -> bytes:
+    """Join a message head (start line, ``Name: value\\r\\n`` lines, the empty line) to bytes.
+
+    Field values travel as the parsers decoded them (UTF-8 with surrogateescape), so bytes
+    that were not UTF-8 go out unchanged.
+
+    Args:
+        lines: each ending in CRLF, the last one the bare CRLF.
+
+    Raises:
+        ValueError: a line holds a CR or LF of its own (a header injection; RFC 9110 §5.5
+            forbids them in field values, RFC 9112 §3 in the start line).
+    """
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("CR or LF in a start line or header field")
+    return text.encode("utf-8", "surrogateescape")
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> str:

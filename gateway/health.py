@@ -35,6 +35,7 @@ import enum
 import errno
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -469,8 +470,7 @@ class HealthChecker:
 
     async def _fetch(self, url: URL) -> ProbeResult:
         settings = self._settings
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         status: int | None = None
         try:
             async with asyncio.timeout(settings.timeout):
@@ -492,7 +492,7 @@ class HealthChecker:
             return ProbeResult(ok=False, status=status, error=f"timeout after {settings.timeout} s")
         except OSError as exc:
             return ProbeResult(ok=False, status=status, error=_reason(exc))
-        rtt = loop.time() - started
+        rtt = time.perf_counter() - started
         if status not in settings.expected_statuses:
             return ProbeResult(ok=False, status=status, rtt=rtt, error=f"status {status}")
         return ProbeResult(ok=True, status=status, rtt=rtt)

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError, MethodNotAllowed, RouteNotFound
+from gateway.http1 import Response, StreamResponse
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -89,14 +89,14 @@ class LocalReply:
         self.body = body
         self.headers = headers or {}
 
-    async def send(self, ex: Exchange) -> web.StreamResponse:
-        """Build the aiohttp response for ``ex`` (the server writes it)."""
+    async def send(self, ex: Exchange) -> Response:
+        """Build the response for ``ex`` (the server writes it)."""
         ex.status = self.status
         headers = CIMultiDict(self.headers)
         headers["X-Request-Id"] = ex.request_id
         if ex.zone is not None:
             headers["X-Residency-Zone"] = ex.zone
-        return web.Response(status=self.status, body=self.body, headers=headers)
+        return Response(self.status, self.body, headers)
 
 
 class Stage(Protocol):
@@ -114,7 +114,7 @@ class Stage(Protocol):
 class Forwarder(Protocol):
     """The terminal stage: sends the request upstream and streams the answer back."""
 
-    async def forward(self, ex: Exchange) -> web.StreamResponse:
+    async def forward(self, ex: Exchange) -> Response | StreamResponse:
         """Forward ``ex`` and return the (already written or ready) response."""
 
 
@@ -134,7 +134,7 @@ class Pipeline:
         self._stages = tuple(stages)
         self._forwarder = forwarder
 
-    async def run(self, ex: Exchange) -> web.StreamResponse:
+    async def run(self, ex: Exchange) -> Response | StreamResponse:
         """Take ``ex`` through the chain.
 
         Raises:
@@ -162,7 +162,7 @@ class Pipeline:
                 for stage in reversed(entered):
                     on_error = getattr(stage, "on_error", None)
                     if on_error is not None and (reply := on_error(ex, err)) is not None:
-                        response: web.StreamResponse = await reply.send(ex)
+                        response: Response = await reply.send(ex)
                         return response
                 raise
         finally:

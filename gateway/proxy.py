@@ -21,9 +21,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.budget import RetryBudget, backoff_delay, parse_retry_after
@@ -41,6 +39,7 @@ from gateway.headers import (
     strip_hop_by_hop,
     via_value,
 )
+from gateway.http1 import RequestBody, Response, StreamResponse
 from gateway.tenants import KEY_HEADERS
 from gateway.usage import SseUsageTap, usage_from_json
 
@@ -116,7 +115,7 @@ def sse_error_event(path: str, err: GatewayError, request_id: str) -> bytes:
 
 
 async def _limited_body(
-    content: aiohttp.StreamReader, limit: int, state: _BodyState
+    content: RequestBody, limit: int, state: _BodyState
 ) -> AsyncIterator[bytes]:
     """Relay a request body chunk by chunk, stopping once it passes ``limit`` bytes."""
     state.started = True
@@ -240,7 +239,7 @@ class HttpForwarder:
             return await request.read()
         return _limited_body(request.content, route.max_body_bytes, state)
 
-    async def forward(self, ex: Exchange) -> web.StreamResponse:
+    async def forward(self, ex: Exchange) -> Response | StreamResponse:
         """Send ``ex.request`` to an endpoint of its zone, retrying on another one when safe,
         and stream the answer back.
 
@@ -280,7 +279,6 @@ class HttpForwarder:
         target = request.raw_path
         if not target.startswith("/"):  # absolute-form (RFC 9112 §3.2.2): keep path + query
             target = request.rel_url.raw_path_qs
-        loop = asyncio.get_running_loop()
         deadline = ex.start + route.total_timeout
         replayable = body is None or isinstance(body, bytes)
         idempotent = (
@@ -314,7 +312,7 @@ class HttpForwarder:
                 tried.add(endpoint)
                 ex.endpoint = endpoint
                 ex.attempts += 1
-                ex.attempt_sent = sent_at = loop.time()
+                ex.attempt_sent = sent_at = time.monotonic()
                 if ex.first_sent is None:
                     ex.first_sent = sent_at
                 ex.upstream_headers_at = ex.upstream_end = None  # of an earlier attempt
@@ -323,10 +321,10 @@ class HttpForwarder:
                         ex, route, endpoint.origin, target, headers, body, state, deadline,
                         retry_stale=idempotent and replayable,
                     )  # fmt: skip
-                    ex.upstream_headers_at = answered = loop.time()
+                    ex.upstream_headers_at = answered = time.monotonic()
                     data = await self._read_small(ex, route, upstream, deadline)
                     if data is not None:
-                        ex.upstream_end = done = loop.time()
+                        ex.upstream_end = done = time.monotonic()
                         self._metrics.observe_upstream_duration(endpoint.region, done - sent_at)
                 except (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolError) as err:
                     self._finish(lease, success=False, result=_result_of(err))
@@ -367,7 +365,7 @@ class HttpForwarder:
                     if local is not None:  # answered from elsewhere (a 304 -> the entry)
                         upstream.release()
                         if ex.upstream_end is None:
-                            ex.upstream_end = loop.time()
+                            ex.upstream_end = time.monotonic()
                         self._finish(lease, success=True, result=f"status_{status // 100}xx")
                         return local
                 return await self._stream_back(ex, route, upstream, data, lease, deadline)
@@ -565,7 +563,7 @@ class HttpForwarder:
         data: bytes | None,
         lease: Lease,
         deadline: float,
-    ) -> web.StreamResponse:
+    ) -> Response | StreamResponse:
         """Relay the upstream's answer to the client; release the lease with its outcome.
 
         A failure after the headers went out cannot change the status any more: an SSE
@@ -588,9 +586,7 @@ class HttpForwarder:
                 if ex.token_reservation:
                     ex.usage_tokens = usage_from_json(data)
                 ex.status = status
-                return web.Response(
-                    status=status, reason=upstream.reason, body=data, headers=headers
-                )
+                return Response(status, data, headers, upstream.reason)
             except BaseException:
                 success, result = None, "cancelled"
                 raise
@@ -599,7 +595,7 @@ class HttpForwarder:
                 self._finish(lease, success=success, result=result)
         request = ex.request
         loop = asyncio.get_running_loop()
-        prepared: web.StreamResponse | None = None
+        prepared: StreamResponse | None = None
         idle = route.idle_timeout
         try:
             async with asyncio.timeout_at(min(loop.time() + idle, deadline)) as timer:
@@ -607,12 +603,10 @@ class HttpForwarder:
                 capture = ex.capture
                 if capture is not None:
                     capture.start(status, upstream.headers)  # as received, not as sent
-                prepared = web.StreamResponse(
-                    status=status, reason=upstream.reason, headers=headers
-                )
+                prepared = StreamResponse(status, upstream.reason, headers)
                 ex.status = status
                 await prepared.prepare(request)
-                ex.headers_sent = loop.time()
+                ex.headers_sent = time.monotonic()
                 ex.bytes_out = 0  # body bytes, in case the stream breaks before write_eof
                 tap = None
                 if ex.token_reservation and upstream.content_type == "text/event-stream":
@@ -626,7 +620,7 @@ class HttpForwarder:
                         if capture is not None:
                             capture.feed(chunk)
                     timer.reschedule(min(loop.time() + idle, deadline))
-                ex.upstream_end = done = loop.time()
+                ex.upstream_end = done = time.monotonic()
                 if ex.attempt_sent is not None and ex.endpoint is not None:
                     self._metrics.observe_upstream_duration(
                         ex.endpoint.region, done - ex.attempt_sent
@@ -657,7 +651,7 @@ class HttpForwarder:
         finally:
             upstream.release()
             if ex.upstream_end is None:  # the body broke off, or the client left
-                ex.upstream_end = loop.time()
+                ex.upstream_end = time.monotonic()
             self._finish(lease, success=success, result=result)
         if prepared is None:
             raise err
@@ -667,7 +661,7 @@ class HttpForwarder:
     async def _abort_stream(
         self,
         ex: Exchange,
-        prepared: web.StreamResponse,
+        prepared: StreamResponse,
         upstream: UpstreamResponse,
         err: GatewayError,
     ) -> None:

@@ -38,10 +38,9 @@ from gateway.pipeline import Pipeline
 from gateway.upstream_client import UpstreamClient
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from gateway.config import GatewayConfig
     from gateway.exchange import Exchange
+    from gateway.http1 import Response, StreamResponse
     from gateway.pipeline import Forwarder, Stage
     from gateway.routing import RouteTable
 
@@ -195,7 +194,7 @@ class GenerationPipeline(Pipeline):
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
 
-    async def run(self, ex: Exchange) -> web.StreamResponse:
+    async def run(self, ex: Exchange) -> Response | StreamResponse:
         """Take ``ex`` through the chain (``Pipeline.run``), counted.
 
         Raises:

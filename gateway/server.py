@@ -20,11 +20,6 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from gateway.accesslog import AccessLog
 from gateway.admin import build_admin_app
@@ -35,18 +30,12 @@ from gateway.cachestore import MemoryCache, RedisCache, ZoneCaches
 from gateway.clock import LoopClock
 from gateway.config import load_config
 from gateway.dns import TTLResolver
-from gateway.errors import (
-    PROBLEM_CONTENT_TYPE,
-    BadRequest,
-    ConfigError,
-    GatewayError,
-    HeaderFieldsTooLarge,
-    RouteNotFound,
-)
+from gateway.errors import ConfigError, GatewayError, RouteNotFound
 from gateway.exchange import Exchange, new_request_id
 from gateway.forwarded import TrustedProxies
 from gateway.geo import GeoDatabase, GeoDatabaseError
 from gateway.health import HealthChecker, ProbeSettings
+from gateway.http1 import Http1Server, Request, Response, StreamResponse, problem_response
 from gateway.listener import make_ssl_context, probe_middleware
 from gateway.llmcache import LlmCachePolicy, LlmCacheStage
 from gateway.locate import LocateStage
@@ -78,90 +67,6 @@ __all__ = ["GatewayServer"]
 log = logging.getLogger("geogate.server")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def _problem_response(err: GatewayError, request_id: str | None) -> web.Response:
-    headers = {"X-Request-Id": request_id} if request_id else {}
-    headers.update(err.headers())
-    return web.Response(
-        status=err.status,
-        body=err.to_problem(request_id),
-        content_type=PROBLEM_CONTENT_TYPE,
-        headers=headers,
-    )
-
-
-class _GatewayProtocol(RequestHandler):
-    """aiohttp's connection handler, answering unparsable requests with problem+json.
-
-    aiohttp answers every parse error with a plain-text 400; the gateway distinguishes a too
-    long request line (414, RFC 9110 §15.5.15), too large or too many header fields (431,
-    RFC 6585 §5) and other malformed HTTP (400), and logs them at debug level: they are the
-    client's fault, not the gateway's.
-    """
-
-    request_line_limit = 8190
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status == 500 or not isinstance(exc, BadHttpMessage):
-            return super().handle_error(request, status, exc, message)
-        log.debug("malformed request from %s: %s", request.remote, exc)
-        error: GatewayError
-        if isinstance(exc, LineTooLong):
-            line, limit = exc.args[0], exc.args[1]
-            if limit == self.request_line_limit and bytes(line).startswith((b"/", b"http", b"*")):
-                error = _UriTooLong(f"request line longer than {limit} bytes")
-            else:
-                error = HeaderFieldsTooLarge(f"a header field is longer than {limit} bytes")
-        elif "Too many headers" in str(exc):
-            error = HeaderFieldsTooLarge("too many header fields")
-        else:
-            error = BadRequest(f"malformed HTTP request: {exc.message}")
-        resp = _problem_response(error, new_request_id())
-        resp.force_close()
-        return resp
-
-
-class _UriTooLong(BadRequest):
-    status = 414
-    slug = "uri-too-long"
-    title = "Request line too long"
-
-
-class _Server(web.Server):
-    """web.Server that builds our connection handler class.
-
-    While ``draining`` (phase 1 of ``GatewayServer.stop``) every request is made as if it had
-    said ``Connection: close``: its response carries ``Connection: close`` and the connection
-    ends after it (RFC 9112 §9.6), so a keep-alive client reconnects, to another process,
-    before this one's listener closes.
-    """
-
-    request_line_limit = 8190
-    draining = False
-
-    def _make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        if self.draining and not message.should_close:
-            message = message._replace(should_close=True)
-        return super()._make_request(message, payload, protocol, writer, task)
-
-    def __call__(self) -> RequestHandler:
-        handler = _GatewayProtocol(self, loop=self._loop, **self._kwargs)
-        handler.request_line_limit = self.request_line_limit
-        return handler
 
 
 # what a ZoneCaches was built for: l1_max_bytes, max entry bytes, L2 call timeout, Redis mapping
@@ -278,11 +183,11 @@ class GatewayServer:
         self.trusted = TrustedProxies.parse(config.gateway.trusted_proxies)
         self._pipeline: GenerationPipeline | None = None
         self._resolver: TTLResolver | None = None
-        self._runner: web.ServerRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self.bound: list[tuple[str, int]] = []
-        self._web_server: _Server | None = None
+        self._http: Http1Server | None = None
         self.draining = False  # phase 1 of stop() began: /ready fails, Connection: close
 
     async def start(
@@ -329,40 +234,32 @@ class GatewayServer:
             rules=self.rules, trusted=self.trusted, budget=self.budget, caches=self.caches,
         )  # fmt: skip
         limits = cfg.gateway.limits
-        server = _Server(
+        server = Http1Server(
             self._handle,
-            handler_cancellation=True,
-            access_log=None,
-            max_line_size=limits.max_request_line_bytes,
-            max_field_size=limits.max_header_bytes,
+            max_line=limits.max_request_line_bytes,
+            max_field=limits.max_header_bytes,
             max_headers=limits.max_headers,
         )
-        server.request_line_limit = limits.max_request_line_bytes
         await self._listen(server, sock=sock, admin_path=admin_path)
 
     async def _listen(
-        self, server: _Server, *, sock: socket.socket | None, admin_path: str | None
+        self, server: Http1Server, *, sock: socket.socket | None, admin_path: str | None
     ) -> None:
         """Open the proxy listener (TLS when ``gateway.tls``) and the admin listener."""
         cfg = self.config
-        self._web_server = server
-        # stop() waits for in-flight requests itself (drain.timeout); the runner's own wait at
-        # cleanup only gives what is left after that a moment before cancelling it
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
+        self._http = server
         ssl_context = make_ssl_context(cfg.gateway.tls) if cfg.gateway.tls else None
-        site: web.BaseSite
+        loop = asyncio.get_running_loop()
         if sock is not None:  # a worker: the supervisor's SO_REUSEPORT slot socket
-            site = web.SockSite(self._runner, sock, ssl_context=ssl_context)
+            listener = await loop.create_server(server, sock=sock, ssl=ssl_context, backlog=1024)
         else:
             listen = cfg.gateway.listen
-            site = web.TCPSite(
-                self._runner, listen.host, listen.port, reuse_address=True,
-                ssl_context=ssl_context, backlog=1024,
+            listener = await loop.create_server(
+                server, listen.host, listen.port, reuse_address=True, ssl=ssl_context,
+                backlog=1024,
             )  # fmt: skip
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or ()
-        self.bound = [s.getsockname()[:2] for s in sockets]
+        self._listener = listener
+        self.bound = [s.getsockname()[:2] for s in listener.sockets]
         log.info("gateway %s listening on %s", cfg.gateway.region, self.bound)
         if cfg.admin.listen is None and admin_path is None:
             return
@@ -387,7 +284,7 @@ class GatewayServer:
     @property
     def is_ready(self) -> bool:
         """True from a completed ``start()`` until ``stop()`` begins (what ``/ready`` says)."""
-        return self._runner is not None and not self.draining
+        return self._listener is not None and not self.draining
 
     def begin_drain(self) -> None:
         """Phase 1 of the drain: fail readiness and close every connection after its answer.
@@ -397,8 +294,8 @@ class GatewayServer:
         if not self.draining:
             log.info("draining: readiness fails; answers carry Connection: close")
         self.draining = True
-        if self._web_server is not None:
-            self._web_server.draining = True
+        if self._http is not None:
+            self._http.draining = True
 
     def _make_ratelimit_store(self) -> PolicyStore:
         """The control Redis behind a time budget and a breaker, or the in-process store."""
@@ -793,13 +690,12 @@ class GatewayServer:
             "in_flight": self._in_flight,
         }
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+    async def _handle(self, request: Request) -> Response | StreamResponse:
         headers = request.headers
         rid = headers.get("X-Request-Id")
         if rid is None or not _REQUEST_ID_RE.match(rid):
             rid = new_request_id()
-        ex = Exchange(request, rid, loop.time())
+        ex = Exchange(request, rid, time.monotonic())
         ex.trace = TraceContext.from_headers(
             headers.getall("traceparent", ()), headers.getall("tracestate", ())
         )
@@ -815,26 +711,23 @@ class GatewayServer:
                 response = await self._pipeline.run(ex)
             except GatewayError as err:
                 ex.status = err.status
-                response = _problem_response(err, rid)
+                response = problem_response(err, rid)
             except Exception:
                 log.exception("unhandled error in request %s", rid)
                 ex.status = 500
-                response = _problem_response(GatewayError(), rid)
+                response = problem_response(GatewayError(), rid)
             if not response.prepared:
-                # write it here rather than in aiohttp's finish_response (which then has
-                # nothing left to do), so that the timings and the log cover the write
-                try:
-                    await response.prepare(request)
-                    ex.headers_sent = loop.time()
-                    await response.write_eof()
-                except ConnectionError:  # the client left; aiohttp would have ignored it too
-                    pass
+                # written here rather than by the connection after we return, so that the
+                # timings and the log cover the write
+                assert isinstance(response, Response)
+                ex.headers_sent = time.monotonic()
+                with contextlib.suppress(ConnectionError):  # the client left: nothing to do
+                    await request.connection.respond(request, response)
                 if ex.bytes_out is None:
-                    head = request.method == "HEAD"
-                    ex.bytes_out = 0 if head else (response.content_length or 0)
+                    ex.bytes_out = 0 if request.method == "HEAD" else response.content_length
             return response
         finally:
-            end = loop.time()
+            end = time.monotonic()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -844,10 +737,10 @@ class GatewayServer:
                 self.access_log.log(ex, end=end)
 
     @staticmethod
-    def _same_host(request: web.BaseRequest) -> bool:
+    def _same_host(request: Request) -> bool:
         # absolute-form target (RFC 9112 §3.2.2): allowed only when it names the Host we got
         host_header = request.headers.get("Host", "")
-        target_host = request.host  # aiohttp takes it from the absolute URI
+        target_host = request.host  # taken from the absolute URI
         return bool(target_host) and host_header.split(":")[0].lower() == target_host.lower()
 
     async def stop(self, drain_timeout: float | None = None, *, grace: float = 0.0) -> None:
@@ -860,7 +753,7 @@ class GatewayServer:
         2. The listener closes (new connections are refused; a worker closes only its copy
            of the supervisor's slot socket). Idle keep-alive connections close now, busy ones
            after their answer. In-flight requests and streams get ``drain_timeout`` seconds.
-        3. What is still running is cancelled (aiohttp cancels the handler, which drops the
+        3. What is still running is cancelled (the handler task is cancelled, which drops the
            upstream request); background tasks get 1 s; the admin listener closes last.
 
         Args:
@@ -868,23 +761,22 @@ class GatewayServer:
             grace: seconds for phase 1 (the CLI passes ``gateway.drain.grace``; 0 skips it).
         """
         self.begin_drain()
-        if grace > 0 and self._runner is not None:
+        if grace > 0 and self._listener is not None:
             await asyncio.sleep(grace)
         if drain_timeout is None:
             drain_timeout = self.config.gateway.drain.timeout
-        if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()
-            if self._web_server is not None:
-                self._web_server.pre_shutdown()  # close idle keep-alive connections now
+        if self._listener is not None and self._http is not None:
+            self._listener.close()
+            self._http.close_idle()  # idle keep-alive connections close now
             if self._in_flight:
                 try:
                     async with asyncio.timeout(drain_timeout):
                         await self._idle.wait()
                 except TimeoutError:
                     log.warning("drain timeout: %d requests still in flight", self._in_flight)
-            await self._runner.cleanup()
-            self._runner = None
+            # what is left after drain.timeout gets a moment, then is cut
+            await self._http.shutdown(1.0)
+            self._listener = None
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

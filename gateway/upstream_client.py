@@ -46,6 +46,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from gateway.headers import encode_head
 
 if TYPE_CHECKING:
     from gateway.dns import TTLResolver
@@ -897,7 +898,4 @@ def _serialize(
     elif method in _BODY_METHODS and "Content-Length" not in headers:
         lines.append("Content-Length: 0\r\n")
     lines.append("\r\n")
-    text = "".join(lines)
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-        raise ValueError("CR or LF in a request line or header field")
-    return text.encode("utf-8", "surrogateescape"), chunked
+    return encode_head(lines), chunked

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import pytest
+import uvloop
 
 from gateway.clock import ManualClock
 
@@ -13,3 +17,10 @@ __all__ = ["manual_clock"]
 def manual_clock() -> ManualClock:
     """A clock at 0.0 s that moves only through ``advance()``."""
     return ManualClock()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on uvloop, the loop the gateway runs on (``gateway.cli``)."""
+    return {"uvloop": uvloop.new_event_loop}
