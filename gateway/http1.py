@@ -22,9 +22,9 @@ The gateway listener needs none of the web framework, so this module serves it d
   ``handler_cancellation``); an unread request body is discarded before the connection
   closes, for up to ``LINGER`` seconds (nginx's lingering close), so the client still reads
   the answer;
-* a connection idle for ``keepalive_timeout`` seconds closes; the timer runs from the
-  previous answer (or the accept) until a request's header section is complete, so it also
-  bounds a client that trickles its headers (slowloris);
+* a connection idle for ``keepalive_timeout`` seconds closes (checked once a ``TICK``); the
+  deadline runs from the previous answer (or the accept) until a request's header section is
+  complete, so it also bounds a client that trickles its headers (slowloris);
 * ``draining``: every answer says ``Connection: close`` and the connection closes after it
   (RFC 9112 §9.6); ``close_idle()`` closes the idle ones now.
 
@@ -100,23 +100,21 @@ def problem_response(err: GatewayError, request_id: str | None) -> Response:
 
 
 class _DateCache:
-    """The IMF-fixdate ``Date`` field value (RFC 9110 §6.6.1), formatted once a second."""
+    """The IMF-fixdate ``Date`` field value (RFC 9110 §6.6.1); each server's once-a-second
+    tick refreshes it, so no answer pays for reading the clock."""
 
-    __slots__ = ("second", "value")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self.second = -1
         self.value = ""
+        self.refresh()
 
-    def now(self) -> str:
-        second = int(time.time())
-        if second != self.second:
-            self.second = second
-            self.value = formatdate(second, usegmt=True)
-        return self.value
+    def refresh(self) -> None:
+        self.value = formatdate(time.time(), usegmt=True)
 
 
 _DATE = _DateCache()
+TICK = 1.0  # seconds between sweeps for idle connections (timeouts fire up to this late)
 
 
 def _start_lines(status: int, reason: str | None, headers: Headers) -> list[str]:
@@ -124,7 +122,7 @@ def _start_lines(status: int, reason: str | None, headers: Headers) -> list[str]
     lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, '')}\r\n"]
     lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
     if "Date" not in headers:
-        lines.append(f"Date: {_DATE.now()}\r\n")
+        lines.append(f"Date: {_DATE.value}\r\n")
     return lines
 
 
@@ -522,7 +520,7 @@ class Http1Protocol(asyncio.Protocol):
         self._body_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._close_at: float | None = None  # monotonic seconds; the server's tick closes
 
     # --- connection events ------------------------------------------------------------------
 
@@ -793,13 +791,16 @@ class Http1Protocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _arm_timer(self, delay: float) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay, self._close)
+        # a deadline the server's tick checks: cheaper than a loop timer per answer
+        self._close_at = time.monotonic() + delay
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._close_at = None
+
+    def expire(self, now: float) -> None:
+        """Close the connection if its keep-alive or linger deadline is before ``now``."""
+        if self._close_at is not None and now >= self._close_at:
+            self._close()
 
     def _close(self) -> None:
         self._cancel_timer()
@@ -851,6 +852,15 @@ class Http1Server:
         self.loop = asyncio.get_running_loop()
         self.connections: set[Http1Protocol] = set()
         self.draining = False
+        self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        """Once a second: refresh the Date value, close connections past their deadline."""
+        _DATE.refresh()
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.expire(now)
+        self._ticker = self.loop.call_later(TICK, self._tick)
 
     def __call__(self) -> Http1Protocol:
         return Http1Protocol(self)
@@ -864,6 +874,7 @@ class Http1Server:
 
     async def shutdown(self, within: float) -> None:
         """Wait up to ``within`` seconds for answers in progress, then cut what is left."""
+        self._ticker.cancel()
         busy: list[asyncio.Task[Any]] = [
             conn._task for conn in self.connections if conn._task is not None
         ]
