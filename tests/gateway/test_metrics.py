@@ -15,10 +15,11 @@ import aiohttp
 import maxminddb
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from gateway.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS
+from gateway.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, LoopHistogram
 from gateway.tenants import hash_key
 from tests.gateway.test_proxy import COUNTRY_TEST_DB, GB, SERVERS, US, GatewayFactory, make_gateway
 
@@ -259,3 +260,32 @@ async def test_request_labels_are_bounded(gateway: tuple[str, str, dict[str, Ori
              "geogate_request_first_byte_seconds", "geogate_gateway_overhead_seconds",
              "geogate_upstream_duration_seconds"}  # fmt: skip
     assert _labels_of(text, names) <= {"route", "zone", "region", "status_class", "le"}
+
+
+def test_loop_histogram_exposes_what_prometheus_clients_histogram_does() -> None:
+    """Same observations, same bucket, count and sum samples as the library's Histogram."""
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = LoopHistogram(
+        "x_seconds", "doc", ["route"], buckets=LATENCY_BUCKETS, registry=ours_registry
+    )
+    theirs = Histogram(
+        "x_seconds", "doc", ["route"], buckets=LATENCY_BUCKETS, registry=theirs_registry
+    )
+    values = [0.0, 0.0005, 0.0007, 0.001, 0.3, 2.5, 29.0, 30.0, 31.0, 1e6]  # bounds included
+    for route in ("/a", "/b"):
+        for v in values[: 7 if route == "/a" else None]:
+            ours.labels(route).observe(v)
+            theirs.labels(route).observe(v)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[Any, ...], float]]:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")  # the library's creation time: ours has none
+        }
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    with pytest.raises(ValueError, match="takes labels"):
+        ours.labels("/a", "extra")
