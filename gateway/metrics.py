@@ -15,8 +15,10 @@ Request timeline (loop clock, seconds) and the histograms cut from it::
       |------------------------------ request_duration ---------------------|
                    |---------------- upstream_duration (attempt sent -> body end) ---|
 
-Hot path: label children are looked up once per label set and kept in dicts (``labels()``
-builds a tuple and takes a lock on each call); one request costs a dict lookup per family.
+Hot path: the request-path families (requests, attempts, rate-limit decisions, cache lookups
+and stores, the five latency histograms) are ``LoopCounter``/``LoopHistogram``: plain numbers
+updated without a lock from the event loop, rendered through prometheus_client's metric
+families at scrape time. One request costs a dict lookup and an addition per family.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import (
@@ -47,13 +49,12 @@ if TYPE_CHECKING:
     from gateway.geo import GeoDatabase
     from gateway.upstreams import Upstreams
 
-_M = TypeVar("_M", Counter, Gauge)
-
 __all__ = [
     "LATENCY_BUCKETS",
     "OVERHEAD_BUCKETS",
     "CacheStateCollector",
     "GeoCollector",
+    "LoopCounter",
     "LoopHistogram",
     "Metrics",
     "UpstreamStateCollector",
@@ -74,6 +75,19 @@ OVERHEAD_BUCKETS = (
 )  # fmt: skip
 
 
+class _CounterChild:
+    """One label set of a LoopCounter."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (>= 0; not checked: the callers count events)."""
+        self.value += amount
+
+
 class _HistogramChild:
     """One label set of a LoopHistogram: per-bucket counts (not cumulative) and the sum."""
 
@@ -90,15 +104,87 @@ class _HistogramChild:
         self.sum += value
 
 
-class LoopHistogram(Collector):
-    """A labelled Prometheus histogram for the request path, observed from one event loop.
+_C = TypeVar("_C", _CounterChild, _HistogramChild)
 
-    prometheus_client's Histogram takes a lock for the sum and again for the bucket, and walks
-    the bounds in Python: about 2 µs an observation, five per request. The gateway observes
-    from its event-loop thread only (scrapes run there too), so here an observation is a
-    ``bisect`` and two additions on plain numbers, and the counts are made cumulative at
-    scrape time. The exposition is prometheus_client's own (``HistogramMetricFamily``:
-    ``_bucket{le}``, ``_count``, ``_sum``), so scrapers see no difference.
+
+class _LoopFamily(Collector, Generic[_C]):
+    """A labelled metric family updated from one event loop: children are plain numbers.
+
+    prometheus_client's Counter and Histogram take a lock on every update (a Histogram twice,
+    walking its bounds in Python): about 0.5 and 2 µs, several times per request. The gateway
+    updates and scrapes its metrics on its event-loop thread only, so the request path needs
+    no lock; the families are rendered at scrape time through prometheus_client's own
+    ``*MetricFamily`` classes, so the exposition is the library's.
+
+    Args:
+        name: the family name (a counter's without ``_total``).
+        documentation: the HELP text.
+        labelnames: label names, in the order ``labels()`` takes values.
+        registry: where the family is registered.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _C] = {}
+        registry.register(self)
+
+    def _new_child(self) -> _C:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> _C:
+        """The child of one label set (made on first use; a dict lookup after that).
+
+        Raises:
+            ValueError: not one value per label name.
+        """
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            child = self._children[values] = self._new_child()
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+
+class LoopCounter(_LoopFamily[_CounterChild]):
+    """A labelled Prometheus counter for the request path (see ``_LoopFamily``)."""
+
+    def _new_child(self) -> _CounterChild:
+        return _CounterChild()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` to the family without labels."""
+        self.labels().inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class LoopHistogram(_LoopFamily[_HistogramChild]):
+    """A labelled Prometheus histogram for the request path (see ``_LoopFamily``).
+
+    An observation is a ``bisect`` and two additions; counts are made cumulative at scrape
+    time (``_bucket{le}``, ``_count``, ``_sum``).
 
     Args:
         name: the family name, e.g. ``geogate_request_duration_seconds``.
@@ -117,31 +203,17 @@ class LoopHistogram(Collector):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
         self._bounds = (*(float(b) for b in buckets), math.inf)
-        self._children: dict[tuple[str, ...], _HistogramChild] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry=registry)
 
-    def labels(self, *values: str) -> _HistogramChild:
-        """The child of one label set (made on first use).
+    def _new_child(self) -> _HistogramChild:
+        return _HistogramChild(self._bounds)
 
-        Raises:
-            ValueError: not one value per label name.
-        """
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self._labelnames):
-                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
-            child = self._children[values] = _HistogramChild(self._bounds)
-        return child
-
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._family()
         les = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
         for values, child in self._children.items():
             running, buckets = 0, []
@@ -285,11 +357,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         Info("geogate_build", "the running gateway's version", registry=r).info(
             {"version": __version__}
         )
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "geogate_requests",
             "requests answered, by route, zone, serving region (none: answered by the gateway) "
             "and status class",
@@ -311,10 +382,10 @@ class Metrics:
             "headers received -> client headers sent; a local reply's whole time to first byte",
             ["route"], registry=r, buckets=OVERHEAD_BUCKETS,
         )  # fmt: skip
-        self._request_children: dict[tuple[str, str, str, int], Counter] = {}
+        self._request_children: dict[tuple[str, str, str, int], _CounterChild] = {}
         self._timer_children: dict[tuple[str, str], tuple[_HistogramChild, ...]] = {}
         self._upstream_children: dict[str, tuple[_HistogramChild, _HistogramChild]] = {}
-        self.upstream_attempts = Counter(
+        self.upstream_attempts = LoopCounter(
             "geogate_upstream_attempts", "attempts sent upstream, by region and result",
             ["region", "result"], registry=r,
         )  # fmt: skip
@@ -335,7 +406,7 @@ class Metrics:
             "geogate_bulkhead_rejections", "requests refused because every endpoint was full",
             ["zone"], registry=r,
         )  # fmt: skip
-        self.ratelimit_decisions = Counter(
+        self.ratelimit_decisions = LoopCounter(
             "geogate_ratelimit_decisions",
             "rate-limit decisions by route, policy and result "
             "(allowed, limited, fallback, error)",
@@ -346,12 +417,12 @@ class Metrics:
             "times the control Redis went into trouble (breaker opened; local fallback)",
             registry=r,
         )
-        self.cache_lookups = Counter(
+        self.cache_lookups = LoopCounter(
             "geogate_cache_lookups", "cache lookups by result "
             "(hit, miss, stale, revalidated, coalesced, bypass) and zone",
             ["result", "zone"], registry=r,
         )  # fmt: skip
-        self.cache_stores = Counter(
+        self.cache_stores = LoopCounter(
             "geogate_cache_stores", "answers stored in the cache, by zone", ["zone"], registry=r
         )
         self.ejections = Counter(
@@ -406,23 +477,19 @@ class Metrics:
             )
         return children
 
-    def child(self, metric: _M, *labels: str) -> _M:
-        """``metric.labels(*labels)``, built once and then looked up: prometheus_client's
-        ``labels()`` takes a lock and builds a key on every call, too much for the request
-        path. Label values must come from bounded sets (zone, region, route, result).
+    def child(self, metric: LoopCounter, *labels: str) -> _CounterChild:
+        """``metric.labels(*labels)``: one of the request-path counters' children (a dict
+        lookup once made). Label values must come from bounded sets (zone, region, route,
+        result).
 
         Args:
-            metric: one of this instance's labelled metrics, e.g. ``self.cache_lookups``.
+            metric: a LoopCounter of this instance, e.g. ``self.cache_lookups``.
             labels: its label values, in declaration order.
 
         Raises:
-            ValueError: the wrong number of label values (from prometheus_client).
+            ValueError: the wrong number of label values.
         """
-        key = (metric, labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
+        return metric.labels(*labels)
 
     def observe_upstream_first_byte(self, region: str, seconds: float) -> None:
         """One attempt's wait for response headers (``geogate_upstream_first_byte_seconds``).

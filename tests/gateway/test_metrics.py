@@ -15,11 +15,11 @@ import aiohttp
 import maxminddb
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from gateway.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, LoopHistogram
+from gateway.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, LoopCounter, LoopHistogram
 from gateway.tenants import hash_key
 from tests.gateway.test_proxy import COUNTRY_TEST_DB, GB, SERVERS, US, GatewayFactory, make_gateway
 
@@ -262,9 +262,18 @@ async def test_request_labels_are_bounded(gateway: tuple[str, str, dict[str, Ori
     assert _labels_of(text, names) <= {"route", "zone", "region", "status_class", "le"}
 
 
-def test_loop_histogram_exposes_what_prometheus_clients_histogram_does() -> None:
-    """Same observations, same bucket, count and sum samples as the library's Histogram."""
+def test_loop_families_expose_what_prometheus_clients_own_do() -> None:
+    """Same updates, same samples as the library's Histogram and Counter."""
     ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    our_count = LoopCounter("n", "doc", ["zone", "result"], registry=ours_registry)
+    their_count = Counter("n", "doc", ["zone", "result"], registry=theirs_registry)
+    our_plain = LoopCounter("plain", "doc", [], registry=ours_registry)
+    their_plain = Counter("plain", "doc", registry=theirs_registry)
+    for zone, result, amount in [("eu", "hit", 1), ("eu", "hit", 2.5), ("us", "miss", 1)]:
+        our_count.labels(zone, result).inc(amount)
+        their_count.labels(zone, result).inc(amount)
+        our_plain.inc()
+        their_plain.inc()
     ours = LoopHistogram(
         "x_seconds", "doc", ["route"], buckets=LATENCY_BUCKETS, registry=ours_registry
     )
