@@ -39,7 +39,7 @@ import http
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -55,7 +55,7 @@ from gateway.errors import (
     HeaderFieldsTooLarge,
 )
 from gateway.exchange import new_request_id
-from gateway.headers import encode_head
+from gateway.headers import encode_head, without_field
 
 __all__ = [
     "BODY_HIGH_WATER",
@@ -117,17 +117,13 @@ _DATE = _DateCache()
 TICK = 1.0  # seconds between sweeps for idle connections (timeouts fire up to this late)
 
 
-def _start_lines(status: int, reason: str | None, headers: Headers) -> list[str]:
-    """The status line and one ``Name: value`` line per field, plus Date if it is missing."""
-    lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, '')}\r\n"]
-    lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
-    if "Date" not in headers:
-        lines.append(f"Date: {_DATE.value}\r\n")
-    return lines
+def _status_line(status: int, reason: str | None) -> str:
+    return f"HTTP/1.1 {status} {reason or _REASONS.get(status, '')}"
 
 
-def _without_length(lines: list[str]) -> list[str]:
-    return [line for line in lines if line[:15].lower() != "content-length:"]
+def _date_line(headers: Headers) -> list[str]:
+    """The extra lines every answer starts with: Date, unless the handler set one."""
+    return [] if "Date" in headers else [f"Date: {_DATE.value}\r\n"]
 
 
 class Response:
@@ -177,24 +173,28 @@ class Response:
             ValueError: a field holds CR or LF.
         """
         status = self.status
-        lines = _start_lines(status, self.reason, self.headers)
+        headers = self.headers
+        fields: Iterable[tuple[str, str]] = headers.items()
+        count = len(headers)
+        extra = _date_line(headers)
         body = self.body
-        given = self.headers.get("Content-Length")
+        given = headers.get("Content-Length")
         if status in _NO_BODY_STATUSES or status < 200:
             body = b""
             if status != 304 and given is not None:
-                lines = _without_length(lines)
+                fields = without_field(fields, "content-length")
+                count = len(fields)
         elif method == "HEAD":
             body = b""
             if given is None:
-                lines.append(f"Content-Length: {len(self.body)}\r\n")
+                extra.append(f"Content-Length: {len(self.body)}\r\n")
         elif given != str(len(body)):
             if given is not None:
-                lines = _without_length(lines)
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        _connection_line(lines, version, closing)
-        lines.append("\r\n")
-        head = encode_head(lines)
+                fields = without_field(fields, "content-length")
+                count = len(fields)
+            extra.append(f"Content-Length: {len(body)}\r\n")
+        _connection_line(extra, version, closing)
+        head = encode_head(_status_line(status, self.reason), fields, count, extra)
         return head + body if body else head
 
 
@@ -248,8 +248,9 @@ class StreamResponse:
         """
         conn = request.connection
         self._conn = conn
-        lines = _start_lines(self.status, self.reason, self.headers)
-        given = self.headers.get("Content-Length")
+        headers = self.headers
+        extra = _date_line(headers)
+        given = headers.get("Content-Length")
         closing = conn.closing_after(request)
         if given is not None:
             with contextlib.suppress(ValueError):
@@ -260,12 +261,12 @@ class StreamResponse:
             if request.version is HttpVersion10:
                 closing = conn.must_close = True  # close-delimited
             else:
-                lines.append("Transfer-Encoding: chunked\r\n")
+                extra.append("Transfer-Encoding: chunked\r\n")
                 self._chunked = True
-        _connection_line(lines, request.version, closing)
-        lines.append("\r\n")
+        _connection_line(extra, request.version, closing)
         self.prepared = True
-        await conn.send(encode_head(lines))
+        status_line = _status_line(self.status, self.reason)
+        await conn.send(encode_head(status_line, headers.items(), len(headers), extra))
 
     async def write(self, data: bytes) -> None:
         """Send ``data`` as (part of) the body; waits while the client's socket is full.

@@ -39,6 +39,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
+from itertools import chain
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -46,7 +47,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from gateway.headers import encode_head
+from gateway.headers import encode_head, without_field
 
 if TYPE_CHECKING:
     from gateway.dns import TTLResolver
@@ -882,20 +883,22 @@ def _serialize(
         ValueError: a field name or value, the method or the target holds CR or LF (a header
             injection; RFC 9110 §5.5 forbids them).
     """
-    lines = [f"{method} {target} HTTP/1.1\r\n", f"Host: {host}\r\n"]
-    lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
+    # Host first (RFC 9112 §3.2: it SHOULD be the first field line)
+    fields: Iterable[tuple[str, str]] = chain((("Host", host),), headers.items())
+    count = len(headers) + 1
+    extra: list[str] = []
     chunked = False
     if isinstance(body, bytes):
         declared = headers.get("Content-Length")
         if declared != str(len(body)):
             if declared is not None:
-                lines = [line for line in lines if line[:15].lower() != "content-length:"]
-            lines.append(f"Content-Length: {len(body)}\r\n")
+                fields = without_field(fields, "content-length")
+                count = len(fields)
+            extra.append(f"Content-Length: {len(body)}\r\n")
     elif body is not None:
         if "Content-Length" not in headers:
-            lines.append("Transfer-Encoding: chunked\r\n")
+            extra.append("Transfer-Encoding: chunked\r\n")
             chunked = True
     elif method in _BODY_METHODS and "Content-Length" not in headers:
-        lines.append("Content-Length: 0\r\n")
-    lines.append("\r\n")
-    return encode_head(lines), chunked
+        extra.append("Content-Length: 0\r\n")
+    return encode_head(f"{method} {target} HTTP/1.1", fields, count, extra), chunked
