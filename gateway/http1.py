@@ -5,11 +5,13 @@ and response objects, header preparation, writer layers; bench/RESULTS.md has th
 The gateway listener needs none of the web framework, so this module serves it directly on an
 ``asyncio.Protocol``:
 
-* requests are parsed by llhttp through httptools (the parser uvicorn uses); limits are
-  checked in the parser callbacks: a request line longer than ``max_line`` bytes -> 414
-  (RFC 9110 §15.5.15), a header field line longer than ``max_field`` bytes or more than
-  ``max_headers`` fields -> 431 (RFC 6585 §5), anything llhttp rejects -> 400; all as
-  problem+json with ``Connection: close``;
+* requests are parsed by llhttp through httptools (the parser uvicorn uses), which refuses
+  what request smuggling needs (Content-Length with Transfer-Encoding, two Content-Lengths,
+  obsolete line folding, bare LF; RFC 9112 §6.3, §5.2); an HTTP/1.1 request without Host,
+  or any with two, is refused (RFC 9112 §3.2); limits are checked in the parser callbacks:
+  a request line longer than ``max_line`` bytes -> 414 (RFC 9110 §15.5.15), a header field
+  line longer than ``max_field`` bytes or more than ``max_headers`` fields -> 431 (RFC 6585
+  §5), anything llhttp rejects -> 400; all as problem+json with ``Connection: close``;
 * keep-alive and pipelining (RFC 9112 §9.3): requests on a connection are answered in order,
   one at a time; reading pauses while one waits behind another;
 * a whole answer (``Response``) goes out in one ``transport.write`` (head and body); a streamed
@@ -621,11 +623,16 @@ class Http1Protocol(asyncio.Protocol):
         self._head_size = 0
         version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10
         target = b"".join(self._url).decode(*_HEADER_CODEC)
+        headers = CIMultiDictProxy(CIMultiDict(self._fields))
+        hosts = len(headers.getall("Host", ()))
+        if hosts > 1 or (hosts == 0 and version is HttpVersion11):
+            # RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with two, gets a 400
+            raise BadRequest("an HTTP/1.1 request needs exactly one Host field")
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             target,
-            CIMultiDictProxy(CIMultiDict(self._fields)),
+            headers,
             version,
             not parser.should_keep_alive(),
         )

@@ -182,7 +182,15 @@ async def test_head_answer_keeps_length_and_sends_no_body(serve: Serve) -> None:
      (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 300 + b"\r\n\r\n", 431),
      (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(20)) + b"\r\n", 431),
      (b"NOT HTTP AT ALL\r\n\r\n", 400),
-     (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400)],
+     (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+     # request smuggling's tools (RFC 9112 §6.3): CL with TE, TE not ending in chunked
+     (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+      b"\r\n0\r\n\r\n", 400),
+     (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+     (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n", 400),  # obs-fold
+     (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),  # whitespace before the colon
+     (b"GET / HTTP/1.1\r\nX: 1\r\n\r\n", 400),  # no Host (RFC 9112 §3.2)
+     (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400)],  # two Hosts
 )  # fmt: skip
 async def test_bad_requests_get_problem_json_and_close(
     serve: Serve, request_bytes: bytes, status: int
