@@ -116,6 +116,7 @@ class _DateCache:
 
 
 _DATE = _DateCache()
+_JOIN_LIMIT = 64 * 1024  # bytes of body copied after the head for a single write
 TICK = 1.0  # seconds between sweeps for idle connections (timeouts fire up to this late)
 
 
@@ -163,8 +164,8 @@ class Response:
         """Body bytes (what Content-Length says for a GET)."""
         return len(self.body)
 
-    def encode(self, method: str, version: HttpVersion, closing: bool) -> bytes:
-        """Head and body as the bytes to write in answer to a ``method`` request.
+    def encode(self, method: str, version: HttpVersion, closing: bool) -> tuple[bytes, bytes]:
+        """Head and body (empty when none is sent) for the answer to a ``method`` request.
 
         Args:
             method: the request's method (HEAD gets no body).
@@ -197,7 +198,7 @@ class Response:
             extra.append(f"Content-Length: {len(body)}\r\n")
         _connection_line(extra, version, closing)
         head = encode_head(_status_line(status, self.reason), fields, count, extra)
-        return head + body if body else head
+        return head, body
 
 
 def _connection_line(lines: list[str], version: HttpVersion, closing: bool) -> None:
@@ -695,7 +696,11 @@ class Http1Protocol(asyncio.Protocol):
         """
         response.prepared = True
         closing = self.closing_after(request)
-        await self.send(response.encode(request.method, request.version, closing))
+        head, body = response.encode(request.method, request.version, closing)
+        if len(body) <= _JOIN_LIMIT:
+            await self.send(head + body if body else head)  # one write, one small copy
+        else:
+            await self.send(head, body)  # a large body is not copied
 
     def closing_after(self, request: Request) -> bool:
         """True when the connection ends after ``request``'s answer (which then says so)."""
@@ -754,11 +759,13 @@ class Http1Protocol(asyncio.Protocol):
         self.must_close = True
         if self.transport is not None:
             response = problem_response(error, new_request_id())
-            self.transport.write(response.encode("GET", HttpVersion11, True))
+            head, body = response.encode("GET", HttpVersion11, True)
+            self.transport.write(head + body)
         self._close()
 
-    async def send(self, data: bytes) -> None:
-        """Write ``data``; wait while the transport's buffer is above its high-water mark.
+    async def send(self, data: bytes, more: bytes = b"") -> None:
+        """Write ``data`` (then ``more``); wait while the transport's buffer is above its
+        high-water mark.
 
         Raises:
             ConnectionResetError: the client has gone.
@@ -766,7 +773,10 @@ class Http1Protocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        transport.write(data)
+        if more:
+            transport.writelines((data, more))  # one vectored write, no concatenation
+        else:
+            transport.write(data)
         if self._writing_paused:
             waiter = self._drain_waiter
             if waiter is None:

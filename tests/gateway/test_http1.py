@@ -301,3 +301,17 @@ async def test_header_injection_in_an_answer_is_refused(serve: Serve) -> None:
     reader, writer = await listener.connect()
     writer.write(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert await asyncio.wait_for(reader.read(), 5) == b""  # nothing of it went out
+
+
+async def test_a_large_whole_answer_arrives_intact(serve: Serve) -> None:
+    body = bytes(range(256)) * 8192  # 2 MiB: written without joining it to the head
+
+    async def large(request: Request) -> Response:
+        return Response(200, body, {"Content-Type": "application/octet-stream"})
+
+    listener = await serve(large)
+    reader, writer = await listener.connect()
+    for _ in range(2):  # the connection stays usable after it
+        writer.write(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        status, headers, got = await read_answer(reader)
+        assert (status, int(headers["content-length"]), got == body) == (200, len(body), True)
