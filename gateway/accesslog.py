@@ -113,7 +113,7 @@ def access_record(
 
     Args:
         ex: the finished exchange.
-        end: loop time the response was complete (seconds, loop clock).
+        end: monotonic time the response was complete, seconds (``time.monotonic()``).
         wall_start: Unix time the request was received (seconds), for ``ts``.
         pseudonymize: truncate the client address and hash the tenant id.
 
@@ -297,7 +297,7 @@ class AccessLog:
 
         Args:
             ex: the finished exchange.
-            end: loop time the response was complete, seconds.
+            end: monotonic time the response was complete, seconds.
         """
         sink, pseudonymize = self._route(ex.zone)
         if sink is None:

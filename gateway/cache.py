@@ -387,7 +387,7 @@ class CacheStage:
         )
         if self._caches.put_l1(entry):
             self._tasks.spawn(self._caches.put_l2(entry))
-            self._metrics.child(self._metrics.cache_stores, ex.zone).inc()
+            self._metrics.cache_stores.labels(ex.zone).inc()
 
     def _invalidate(self, ex: Exchange) -> None:
         request = ex.request
@@ -404,7 +404,7 @@ class CacheStage:
 
     def _count(self, ex: Exchange, result: str) -> None:
         ex.cache_result = result
-        self._metrics.child(self._metrics.cache_lookups, result, ex.zone or "none").inc()
+        self._metrics.cache_lookups.labels(result, ex.zone or "none").inc()
 
 
 def _meta_of(stored: StoredResponse) -> dict[str, Any]:

@@ -46,19 +46,21 @@ class Exchange:
     ``tenant`` (identify stage),
     ``client_ip``/``country``/``zone``/``zone_source``/``regions`` (locate stage),
     ``endpoint``/``upstream_status``/``attempts`` and the upstream timestamps (forwarder),
-    ``headers_sent``/``bytes_out`` (whoever writes the response). Times are loop seconds
-    (``asyncio`` loop clock, monotonic); a timestamp is None until its event happened.
+    ``headers_sent``/``bytes_out`` (whoever writes the response). Times are
+    ``time.monotonic()`` seconds: the clock the loop's deadlines run on (uvloop's
+    ``loop.time()`` reads it in 1 ms steps, too coarse for sub-millisecond timings); a
+    timestamp is None until its event happened.
 
     Attributes:
         request: the parsed request (``gateway.http1.Request``).
         request_id: echoed as X-Request-Id both ways, and in problem details.
-        start: loop time the handler started, seconds.
+        start: monotonic time the handler started, seconds.
         trace: the W3C trace context (TraceContext); set by the server before any stage.
-        first_sent: loop time the first upstream attempt was sent.
-        attempt_sent: loop time the latest attempt was sent.
-        upstream_headers_at: loop time the answering attempt's response headers arrived.
-        upstream_end: loop time the answering attempt's body ended (or broke off).
-        headers_sent: loop time the response headers went to the client.
+        first_sent: monotonic time the first upstream attempt was sent.
+        attempt_sent: monotonic time the latest attempt was sent.
+        upstream_headers_at: monotonic time the answering attempt's response headers arrived.
+        upstream_end: monotonic time the answering attempt's body ended (or broke off).
+        headers_sent: monotonic time the response headers went to the client.
         bytes_in: request body bytes relayed upstream as a stream; None: the Content-Length.
         bytes_out: response bytes written to the client; None until known.
     """

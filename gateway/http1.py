@@ -408,6 +408,9 @@ class Request:
         body_exists: True when the request has a body (a length above 0, or chunked).
         content: the body as it arrives (``RequestBody``).
         should_close: the client wants the connection closed after the answer.
+
+    Raises:
+        BadRequest: an HTTP/1.1 request without Host, or any with two (RFC 9112 §3.2).
     """
 
     __slots__ = (
@@ -451,17 +454,22 @@ class Request:
         self._body: bytes | None = None
         self._rel_url: URL | None = None
         self._absolute: URL | None = None
+        hosts = headers.getall("Host", ())
+        if len(hosts) > 1 or (not hosts and version is HttpVersion11):
+            # RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with two, gets a 400
+            raise BadRequest("an HTTP/1.1 request needs exactly one Host field")
+        host = hosts[0] if hosts else None
         if target[:1] == "/":
             path = target.partition("?")[0].partition("#")[0]
             self.path = URL.build(path=path, encoded=True).path if "%" in path else path
-            host = headers.get("Host")
         else:  # absolute form (RFC 9112 §3.2.2), authority form (CONNECT), asterisk form
             try:
                 url = self._absolute = URL(target, encoded=True)
                 self.path = url.path
-                host = url.host if url.absolute else headers.get("Host")
+                if url.absolute:
+                    host = url.host
             except ValueError:
-                self.path, host = target, headers.get("Host")
+                self.path = target
         self.host = host if host is not None else conn.local_host
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None else None  # llhttp checked it
@@ -624,16 +632,11 @@ class Http1Protocol(asyncio.Protocol):
         self._head_size = 0
         version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10
         target = b"".join(self._url).decode(*_HEADER_CODEC)
-        headers = CIMultiDictProxy(CIMultiDict(self._fields))
-        hosts = len(headers.getall("Host", ()))
-        if hosts > 1 or (hosts == 0 and version is HttpVersion11):
-            # RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with two, gets a 400
-            raise BadRequest("an HTTP/1.1 request needs exactly one Host field")
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             target,
-            headers,
+            CIMultiDictProxy(CIMultiDict(self._fields)),
             version,
             not parser.should_keep_alive(),
         )

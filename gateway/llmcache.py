@@ -421,7 +421,7 @@ class LlmCacheStage:
             )  # fmt: skip
             if self._caches.put_l1(entry):
                 self._tasks.spawn(self._caches.put_l2(entry))
-                self._metrics.child(self._metrics.cache_stores, ex.zone).inc()
+                self._metrics.cache_stores.labels(ex.zone).inc()
         finally:
             if state.get("leader"):
                 future = self._inflight.pop(state["key"], None)
@@ -435,7 +435,7 @@ class LlmCacheStage:
 
     def _count(self, ex: Exchange, result: str) -> None:
         ex.cache_result = result
-        self._metrics.child(self._metrics.cache_lookups, result, ex.zone or "none").inc()
+        self._metrics.cache_lookups.labels(result, ex.zone or "none").inc()
 
 
 def _capture(limit: int) -> ResponseCapture:

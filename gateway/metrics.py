@@ -7,7 +7,7 @@ Tenant ids, paths and client addresses are never labels. State that already live
 objects (health, ejection, breaker state, latency, GeoIP lookup counts) is read at scrape time
 by a collector instead of being mirrored into metrics on the request path.
 
-Request timeline (loop clock, seconds) and the histograms cut from it::
+Request timeline (``time.monotonic()`` seconds) and the histograms cut from it::
 
     start        first_sent      upstream_headers_at    headers_sent          end
       |--overhead--|--upstream first byte--|--overhead--|--streaming body--|
@@ -382,9 +382,6 @@ class Metrics:
             "headers received -> client headers sent; a local reply's whole time to first byte",
             ["route"], registry=r, buckets=OVERHEAD_BUCKETS,
         )  # fmt: skip
-        self._request_children: dict[tuple[str, str, str, int], _CounterChild] = {}
-        self._timer_children: dict[tuple[str, str], tuple[_HistogramChild, ...]] = {}
-        self._upstream_children: dict[str, tuple[_HistogramChild, _HistogramChild]] = {}
         self.upstream_attempts = LoopCounter(
             "geogate_upstream_attempts", "attempts sent upstream, by region and result",
             ["region", "result"], registry=r,
@@ -468,29 +465,6 @@ class Metrics:
             registry=r,
         )
 
-    def _upstream(self, region: str) -> tuple[_HistogramChild, _HistogramChild]:
-        children = self._upstream_children.get(region)
-        if children is None:
-            children = self._upstream_children[region] = (
-                self.upstream_first_byte.labels(region),
-                self.upstream_duration.labels(region),
-            )
-        return children
-
-    def child(self, metric: LoopCounter, *labels: str) -> _CounterChild:
-        """``metric.labels(*labels)``: one of the request-path counters' children (a dict
-        lookup once made). Label values must come from bounded sets (zone, region, route,
-        result).
-
-        Args:
-            metric: a LoopCounter of this instance, e.g. ``self.cache_lookups``.
-            labels: its label values, in declaration order.
-
-        Raises:
-            ValueError: the wrong number of label values.
-        """
-        return metric.labels(*labels)
-
     def observe_upstream_first_byte(self, region: str, seconds: float) -> None:
         """One attempt's wait for response headers (``geogate_upstream_first_byte_seconds``).
 
@@ -498,7 +472,7 @@ class Metrics:
             region: the endpoint's region.
             seconds: attempt sent -> response headers received.
         """
-        self._upstream(region)[0].observe(seconds)
+        self.upstream_first_byte.labels(region).observe(seconds)
 
     def observe_upstream_duration(self, region: str, seconds: float) -> None:
         """One attempt whose body was read to its end (``geogate_upstream_duration_seconds``).
@@ -507,10 +481,10 @@ class Metrics:
             region: the endpoint's region.
             seconds: attempt sent -> last body byte received.
         """
-        self._upstream(region)[1].observe(seconds)
+        self.upstream_duration.labels(region).observe(seconds)
 
     def observe_request(self, ex: Exchange, end: float) -> None:
-        """Count one finished request and observe its timings; cheap: children cached.
+        """Count one finished request and observe its timings (a dict lookup per family).
 
         ``geogate_requests_total`` and ``geogate_request_duration_seconds`` always (a client
         that left ends the duration early); ``geogate_request_first_byte_seconds`` and
@@ -520,40 +494,29 @@ class Metrics:
 
         Args:
             ex: the finished exchange: ``route``, ``zone``, ``endpoint`` (its region is the
-                region label; "none" when no attempt was made), ``status`` and the loop
+                region label; "none" when no attempt was made), ``status`` and the
                 timestamps.
-            end: loop time the response was complete (or the handler ended), seconds.
+            end: monotonic time the response was complete (or the handler ended), seconds.
         """
         route = ex.route.prefix if ex.route is not None else "none"
         zone = ex.zone or "none"
         endpoint = ex.endpoint
         region = endpoint.region if endpoint is not None else "none"
-        key = (route, zone, region, (ex.status or 0) // 100)
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self._request_children[key] = self.requests.labels(
-                route, zone, region, _STATUS_CLASSES.get(key[3], "other")
-            )
-        counter.inc()
-        timers = self._timer_children.get((route, zone))
-        if timers is None:
-            timers = self._timer_children[(route, zone)] = (
-                self.request_duration.labels(route, zone),
-                self.request_first_byte.labels(route, zone),
-                self.gateway_overhead.labels(route),
-            )
+        status_class = _STATUS_CLASSES.get((ex.status or 0) // 100, "other")
+        self.requests.labels(route, zone, region, status_class).inc()
         start = ex.start
-        timers[0].observe(end - start)
+        self.request_duration.labels(route, zone).observe(end - start)
         sent = ex.headers_sent
         if sent is None:
             return
-        timers[1].observe(sent - start)
+        self.request_first_byte.labels(route, zone).observe(sent - start)
+        overhead = self.gateway_overhead.labels(route)
         first = ex.first_sent
         if first is None:  # a local reply: cache hit, 401, 429, ...
-            timers[2].observe(sent - start)
+            overhead.observe(sent - start)
             return
-        overhead = first - start
+        own = first - start
         answered = ex.upstream_headers_at
         if answered is not None and answered <= sent:
-            overhead += sent - answered
-        timers[2].observe(overhead)
+            own += sent - answered
+        overhead.observe(own)

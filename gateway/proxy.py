@@ -484,7 +484,7 @@ class HttpForwarder:
         if lease.release(success):
             self._metrics.ejections.labels(lease.region.name, lease.endpoint.origin).inc()
         metrics = self._metrics
-        metrics.child(metrics.upstream_attempts, lease.region.name, result).inc()
+        metrics.upstream_attempts.labels(lease.region.name, result).inc()
 
     def _record_first_byte(self, endpoint: Endpoint, seconds: float) -> None:
         self._upstreams.record_rtt(endpoint, seconds)

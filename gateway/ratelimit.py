@@ -395,7 +395,7 @@ class RateLimitStage:
                     break
         ex.ratelimit_result = result
         metrics = self._metrics
-        metrics.child(metrics.ratelimit_decisions, ex.route.prefix, policy.name, result).inc()
+        metrics.ratelimit_decisions.labels(ex.route.prefix, policy.name, result).inc()
 
     def on_complete(self, ex: Exchange) -> None:
         """Free the concurrency slot and reconcile reserved tokens with the reported usage."""
